@@ -1,0 +1,209 @@
+"""Finding a checkpoint (local dir or Hugging Face Hub id) and reading its weights into a Model.
+
+Reads Hugging Face checkpoints (per-expert tensors, bf16/fp16/fp32, sharded with an index),
+this project's converted dirs and mlx-lm's (stacked experts, optionally quantized). Weights are
+read lazily from the safetensors files: nothing is materialised until the final eval, and
+then in the compute dtype.
+"""
+
+import json
+import re
+import struct
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ModelConfig, read_config
+from .errors import QwenMLXError
+from .model import Model
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.tiktoken", "*.txt"]
+SAFETENSORS_DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
+    "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+
+
+def resolve_model_dir(path_or_hub_id: str | Path) -> Path:
+    """A local directory as is; otherwise a Hub id, from the local cache first and downloaded only if missing."""
+    path = Path(path_or_hub_id).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise QwenMLXError(f"{path}: not a directory (a model is a directory with config.json and *.safetensors)")
+        return path
+    repo_id = str(path_or_hub_id)
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+        raise QwenMLXError(f"{repo_id}: no such directory, and not a Hugging Face repo id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except Exception as e:
+        raise QwenMLXError(
+            f"{repo_id}: not in the local Hugging Face cache and could not be downloaded "
+            f"({type(e).__name__}); download it with `huggingface-cli download {repo_id}` "
+            "or pass a local directory"
+        ) from None
+
+
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a .safetensors file, checked against the file's size (catches truncation)."""
+    try:
+        with open(path, "rb") as f:
+            size_bytes = f.read(8)
+            if len(size_bytes) < 8:
+                raise QwenMLXError(f"{path}: truncated safetensors file (no header)")
+            (header_len,) = struct.unpack("<Q", size_bytes)
+            file_len = path.stat().st_size
+            if header_len > file_len - 8:
+                raise QwenMLXError(f"{path}: corrupted safetensors file (header length {header_len} exceeds the file)")
+            header = json.loads(f.read(header_len))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise QwenMLXError(f"{path}: corrupted safetensors file (header is not valid JSON)") from None
+    except OSError as e:
+        raise QwenMLXError(f"{path}: cannot read ({e.strerror})") from None
+    data_len = file_len - 8 - header_len
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = info["data_offsets"]
+            n_bytes = SAFETENSORS_DTYPE_BYTES[info["dtype"]]
+            n_elements = 1
+            for d in info["shape"]:
+                n_elements *= d
+        except (KeyError, TypeError, ValueError):
+            raise QwenMLXError(f"{path}: corrupted safetensors header (entry {name!r})") from None
+        if end > data_len or end - begin != n_elements * n_bytes:
+            raise QwenMLXError(f"{path}: truncated or corrupted safetensors file (tensor {name!r} runs past the data)")
+    return header
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The shards the index names (each must exist), or every *.safetensors when there is no index."""
+    index_path = model_dir / "model.safetensors.index.json"
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise QwenMLXError(f"{index_path}: not a valid safetensors index (no weight_map)") from None
+        files = [model_dir / name for name in dict.fromkeys(weight_map.values())]
+        for f in files:
+            if not f.is_file():
+                raise QwenMLXError(f"{f}: shard named in {index_path.name} is missing")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise QwenMLXError(f"{model_dir}: no *.safetensors weight files")
+    return files
+
+
+def read_weights(model_dir: Path) -> dict[str, mx.array]:
+    """All tensors of a checkpoint, lazily (mx.load maps the files; data is read on eval)."""
+    weights = {}
+    for f in weight_files(model_dir):
+        safetensors_header(f)
+        try:
+            weights.update(mx.load(str(f)))
+        except Exception as e:
+            raise QwenMLXError(f"{f}: cannot read safetensors ({e})") from None
+    return weights
+
+
+def to_mlx_layout(weights: dict[str, mx.array], config: ModelConfig) -> dict[str, mx.array]:
+    """Hugging Face names -> ours (mlx-lm's): experts stacked per layer, tied or unused tensors dropped."""
+    out = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+    if config.tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    for layer in range(config.num_hidden_layers):
+        prefix = f"model.layers.{layer}.mlp"
+        if f"{prefix}.experts.0.gate_proj.weight" not in out:
+            continue
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            names = [f"{prefix}.experts.{e}.{proj}.weight" for e in range(config.num_experts)]
+            missing = [n for n in names if n not in out]
+            if missing:
+                raise QwenMLXError(f"checkpoint is missing tensor {missing[0]}")
+            out[f"{prefix}.switch_mlp.{proj}.weight"] = mx.stack([out.pop(n) for n in names])
+    return out
+
+
+def quantize_like_checkpoint(model: Model, config: ModelConfig, weights: dict[str, mx.array]) -> None:
+    """Swap in quantized layers wherever the checkpoint stores scales, with the config's bits and mode."""
+    quantization = config.quantization or {}
+    defaults = {k: quantization[k] for k in ("group_size", "bits", "mode") if k in quantization}
+    defaults.setdefault("mode", "affine")
+
+    def params_for(path: str, module: nn.Module):
+        if f"{path}.scales" not in weights:
+            return False
+        override = quantization.get(path)
+        params = dict(defaults, **override) if isinstance(override, dict) else dict(defaults)
+        if "bits" not in params or "group_size" not in params:
+            raise QwenMLXError(f"config.json: quantized tensor {path} but no bits/group_size in 'quantization'")
+        return params
+
+    nn.quantize(model, class_predicate=params_for)
+
+
+def compute_dtype() -> mx.Dtype:
+    """float32 on the CPU (MLX emulates bf16 there, and its expert matmul takes float32 only); bf16 on a GPU."""
+    return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
+
+
+def check_weights(model: Model, weights: dict[str, mx.array], model_dir: Path) -> None:
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing:
+        raise QwenMLXError(f"{model_dir}: checkpoint is missing tensor {missing[0]} ({len(missing)} missing in all)")
+    if unexpected:
+        raise QwenMLXError(f"{model_dir}: checkpoint has unexpected tensor {unexpected[0]} (does config.json match?)")
+    for name, array in expected.items():
+        if weights[name].shape != array.shape:
+            raise QwenMLXError(
+                f"{model_dir}: tensor {name} has shape {tuple(weights[name].shape)}, "
+                f"config.json implies {tuple(array.shape)}"
+            )
+
+
+def load_model(
+    path_or_hub_id: str | Path,
+    *,
+    rope_scaling: Optional[dict] = None,
+    dtype: Optional[mx.Dtype] = None,
+    lazy: bool = False,
+) -> tuple[Model, Path]:
+    """Build the model its config.json describes and fill it from the checkpoint's safetensors."""
+    model_dir = resolve_model_dir(path_or_hub_id)
+    config = read_config(model_dir)
+    if rope_scaling is not None:
+        config.rope_scaling = rope_scaling or None  # {} switches YaRN off
+    model = Model(config)
+    weights = to_mlx_layout(read_weights(model_dir), config)
+    if any(k.endswith(".scales") for k in weights):
+        quantize_like_checkpoint(model, config, weights)
+    check_weights(model, weights, model_dir)
+
+    dtype = dtype or compute_dtype()
+    weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    model.load_weights(list(weights.items()), strict=True)
+    if not lazy:
+        mx.eval(model.parameters())
+    model.eval()
+    return model, model_dir
+
+
+def load(path_or_hub_id: str | Path, *, rope_scaling: Optional[dict] = None, dtype: Optional[mx.Dtype] = None):
+    """(model, tokenizer) from a local dir or a Hub id; rope_scaling overrides the config's (e.g. YaRN factor 4)."""
+    from .tokenizer import Tokenizer
+
+    model, model_dir = load_model(path_or_hub_id, rope_scaling=rope_scaling, dtype=dtype)
+    return model, Tokenizer.from_dir(model_dir)

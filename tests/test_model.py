@@ -1,0 +1,74 @@
+"""The MLX model against transformers' Qwen3MoeForCausalLM / Qwen3ForCausalLM, number for number."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from conftest import MODEL_VARIANTS
+from transformers import AutoModelForCausalLM
+
+from qwenmlx.cache import make_cache
+from qwenmlx.checkpoint import load_model
+
+# Both sides compute in float32 on the same weights; what is left is summation order.
+LOGITS_ATOL = 1e-4
+PROMPT_LEN = 80
+
+
+def prompt(length: int = PROMPT_LEN, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 151_000, (1, length))
+
+
+def reference_logits(model_dir, tokens: np.ndarray) -> np.ndarray:
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return ref(torch.tensor(tokens)).logits.numpy()
+
+
+@pytest.mark.parametrize("variant", list(MODEL_VARIANTS))
+def test_logits_match_transformers(checkpoint_dir, variant):
+    model_dir = checkpoint_dir(variant)
+    tokens = prompt()
+    model, _ = load_model(model_dir)
+    np.testing.assert_allclose(np.array(model(mx.array(tokens))), reference_logits(model_dir, tokens),
+                               atol=LOGITS_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["moe", "dense"])
+def test_bf16_checkpoint_matches_transformers_on_the_same_weights(checkpoint_dir, variant):
+    model_dir = checkpoint_dir(variant, torch.bfloat16)
+    tokens = prompt()
+    model, _ = load_model(model_dir)
+    assert model.model.embed_tokens.weight.dtype == mx.float32  # computed in float32 on the CPU
+    np.testing.assert_allclose(np.array(model(mx.array(tokens))), reference_logits(model_dir, tokens),
+                               atol=LOGITS_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["moe", "dense"])
+def test_token_by_token_decode_through_the_cache_equals_one_prefill(checkpoint_dir, variant):
+    model, _ = load_model(checkpoint_dir(variant))
+    tokens = prompt(70, seed=1)
+    full = np.array(model(mx.array(tokens)))
+    cache = make_cache(model)
+    # A 50-token prefill, then one token at a time.
+    steps = [np.array(model(mx.array(tokens[:, :50]), cache))]
+    for i in range(50, tokens.shape[1]):
+        steps.append(np.array(model(mx.array(tokens[:, i : i + 1]), cache)))
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_batched_prompts_match_one_at_a_time(moe_dir):
+    model, _ = load_model(moe_dir)
+    tokens = np.concatenate([prompt(40, seed=2), prompt(40, seed=3)])
+    batched = np.array(model(mx.array(tokens)))
+    for row in range(2):
+        single = np.array(model(mx.array(tokens[row : row + 1])))
+        np.testing.assert_allclose(batched[row : row + 1], single, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_experts_are_stacked_per_layer(moe_dir):
+    model, _ = load_model(moe_dir)
+    experts = model.layers[0].mlp.switch_mlp
+    c = model.config
+    assert experts.gate_proj.weight.shape == (c.num_experts, c.moe_intermediate_size, c.hidden_size)
+    assert experts.down_proj.weight.shape == (c.num_experts, c.hidden_size, c.moe_intermediate_size)
