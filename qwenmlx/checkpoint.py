@@ -207,3 +207,33 @@ def load(path_or_hub_id: str | Path, *, rope_scaling: Optional[dict] = None, dty
 
     model, model_dir = load_model(path_or_hub_id, rope_scaling=rope_scaling, dtype=dtype)
     return model, Tokenizer.from_dir(model_dir)
+
+
+def describe_model(path_or_hub_id: str | Path) -> dict:
+    """Facts about a checkpoint read from its config and safetensors headers (no weights loaded)."""
+    model_dir = resolve_model_dir(path_or_hub_id)
+    c = read_config(model_dir)
+    n_params = n_bytes = 0
+    for f in weight_files(model_dir):
+        for name, info in safetensors_header(f).items():
+            if name == "__metadata__":
+                continue
+            count = 1
+            for d in info["shape"]:
+                count *= d
+            n_bytes += count * SAFETENSORS_DTYPE_BYTES[info["dtype"]]
+            n_params += count
+    q = c.quantization
+    return {
+        "path": str(model_dir),
+        "model_type": c.model_type,
+        "layers": c.num_hidden_layers,
+        "hidden_size": c.hidden_size,
+        "attention": f"{c.num_attention_heads} query / {c.num_key_value_heads} KV heads, head_dim {c.head_dim}",
+        "experts": f"{c.num_experts}, {c.num_experts_per_tok} per token" if c.num_experts else "dense",
+        "context": c.max_position_embeddings,
+        "rope_scaling": c.rope_scaling,
+        "quantization": {k: q[k] for k in ("bits", "group_size", "mode") if k in q} if q else None,
+        "size_on_disk_gb": round(n_bytes / 1e9, 3),
+        "stored_elements": n_params,
+    }
