@@ -146,7 +146,9 @@ def quantize_like_checkpoint(model: Model, config: ModelConfig, weights: dict[st
         if f"{path}.scales" not in weights:
             return False
         override = quantization.get(path)
-        params = dict(defaults, **override) if isinstance(override, dict) else dict(defaults)
+        if isinstance(override, dict):
+            return override  # as mlx-lm: taken whole, so a missing mode means affine
+        params = dict(defaults)
         if "bits" not in params or "group_size" not in params:
             raise QwenMLXError(f"config.json: quantized tensor {path} but no bits/group_size in 'quantization'")
         return params

@@ -1,5 +1,6 @@
 """Tiny random Qwen3 / Qwen3-MoE checkpoints, written by transformers itself (the reference)."""
 
+import json
 from pathlib import Path
 
 import torch
@@ -55,8 +56,22 @@ def write_hf_checkpoint(dst: Path, config_kwargs: dict, dtype=torch.float32, see
     """Save like a Hub checkpoint: sharded safetensors with an index, in the given dtype."""
     model = hf_model(config_kwargs, seed).to(dtype)
     model.save_pretrained(dst, max_shard_size="20MB")
+    write_hub_style_config(dst)
     write_tokenizer_files(dst)
     return dst
+
+
+def write_hub_style_config(model_dir: Path) -> None:
+    """Rewrite config.json the way Qwen's Hub repos have it (transformers 4.x names), which mlx-lm also reads."""
+    path = model_dir / "config.json"
+    config = json.loads(path.read_text())
+    if "num_local_experts" in config:
+        config["num_experts"] = config.pop("num_local_experts")
+    rope_parameters = config.pop("rope_parameters")
+    config["rope_theta"] = rope_parameters.pop("rope_theta")
+    config["rope_scaling"] = rope_parameters if rope_parameters.get("rope_type") != "default" else None
+    config["torch_dtype"] = config.pop("dtype")
+    path.write_text(json.dumps(config, indent=2))
 
 # Each variant exercises one structural option of the config against transformers.
 MODEL_VARIANTS = {
