@@ -12,4 +12,4 @@ test:
 	$(PY) -m pytest -q
 
 lint:
-	$(PY) -m compileall -q qwenmlx quantize scripts tests
+	$(VENV)/bin/ruff check qwenmlx quantize scripts tests

@@ -10,7 +10,6 @@ import json
 import re
 import struct
 from pathlib import Path
-from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -180,8 +179,8 @@ def check_weights(model: Model, weights: dict[str, mx.array], model_dir: Path) -
 def load_model(
     path_or_hub_id: str | Path,
     *,
-    rope_scaling: Optional[dict] = None,
-    dtype: Optional[mx.Dtype] = None,
+    rope_scaling: dict | None = None,
+    dtype: mx.Dtype | None = None,
     lazy: bool = False,
 ) -> tuple[Model, Path]:
     """Build the model its config.json describes and fill it from the checkpoint's safetensors."""
@@ -204,7 +203,7 @@ def load_model(
     return model, model_dir
 
 
-def load(path_or_hub_id: str | Path, *, rope_scaling: Optional[dict] = None, dtype: Optional[mx.Dtype] = None):
+def load(path_or_hub_id: str | Path, *, rope_scaling: dict | None = None, dtype: mx.Dtype | None = None):
     """(model, tokenizer) from a local dir or a Hub id; rope_scaling overrides the config's (e.g. YaRN factor 4)."""
     model, model_dir = load_model(path_or_hub_id, rope_scaling=rope_scaling, dtype=dtype)
     return model, Tokenizer.from_dir(model_dir)

@@ -3,7 +3,7 @@
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from .errors import QwenMLXError
 
@@ -21,9 +21,9 @@ class ModelConfig:
     intermediate_size: int
     rms_norm_eps: float
     max_position_embeddings: int
-    head_dim: Optional[int] = None
+    head_dim: int | None = None
     rope_theta: float = 1_000_000.0
-    rope_scaling: Optional[dict] = None
+    rope_scaling: dict | None = None
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     # MoE fields: absent (or num_experts 0) for dense Qwen3.
@@ -34,7 +34,7 @@ class ModelConfig:
     decoder_sparse_step: int = 1
     mlp_only_layers: list = field(default_factory=list)
     # mlx-lm's layout: {"bits", "group_size", "mode", "<module path>": {...} | False}.
-    quantization: Optional[dict] = None
+    quantization: dict | None = None
 
     def __post_init__(self):
         if self.head_dim is None:

@@ -4,7 +4,7 @@ Dense Qwen3 (Qwen3-0.6B ... 32B) is the same network with an MLP in every layer 
 the sparse mixture of experts.
 """
 
-from typing import Any, Optional
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -32,7 +32,7 @@ class Attention(nn.Module):
         # YaRN scales q and k each by attention_factor; here that product lands on the scores.
         self.scale = self.head_dim**-0.5 * rope.attention_factor**2
 
-    def __call__(self, x: mx.array, cache: Optional[Any] = None) -> mx.array:
+    def __call__(self, x: mx.array, cache: Any | None = None) -> mx.array:
         B, L, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
         k = self.k_norm(self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
@@ -150,7 +150,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self.mlp = SparseMoeBlock(c) if c.is_moe_layer(layer_idx) else MLP(c.hidden_size, c.intermediate_size)
 
-    def __call__(self, x: mx.array, cache: Optional[Any] = None) -> mx.array:
+    def __call__(self, x: mx.array, cache: Any | None = None) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -173,7 +173,7 @@ class Model(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def _make_rope(self, scaling: Optional[dict]) -> RoPE:
+    def _make_rope(self, scaling: dict | None) -> RoPE:
         c = self.config
         return RoPE(c.head_dim, c.rope_theta, scaling, c.max_position_embeddings)
 
@@ -181,14 +181,14 @@ class Model(nn.Module):
     def layers(self) -> list[DecoderLayer]:
         return self.model.layers
 
-    def set_rope_scaling(self, scaling: Optional[dict]) -> None:
+    def set_rope_scaling(self, scaling: dict | None) -> None:
         """Switch YaRN on, off or to another factor without reloading weights (Qwen: enable it only when needed)."""
         rope = self._make_rope(scaling)
         self.config.rope_scaling = scaling
         for layer in self.layers:
             layer.self_attn.set_rope(rope)
 
-    def __call__(self, tokens: mx.array, cache: Optional[list] = None) -> mx.array:
+    def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
         """tokens [B, L] -> logits [B, L, vocab]; cache is a list with one KV cache per layer."""
         h = self.model.embed_tokens(tokens)
         for i, layer in enumerate(self.layers):

@@ -6,7 +6,6 @@ cos and sin); the model folds its square into the attention scale, which is the 
 """
 
 import math
-from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -65,7 +64,7 @@ def default_inv_freq(head_dim: int, theta: float) -> np.ndarray:
     return (np.float32(1.0) / np.float32(theta) ** exponents).astype(np.float32)
 
 
-def rope_type(scaling: Optional[dict]) -> str:
+def rope_type(scaling: dict | None) -> str:
     if not scaling:
         return "default"
     return scaling.get("rope_type", scaling.get("type", "default"))
@@ -74,7 +73,7 @@ def rope_type(scaling: Optional[dict]) -> str:
 class RoPE(nn.Module):
     """Rotates the first head_dim features of (B, heads, L, head_dim) by position."""
 
-    def __init__(self, head_dim: int, theta: float, scaling: Optional[dict], max_position_embeddings: int):
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None, max_position_embeddings: int):
         super().__init__()
         self.head_dim = head_dim
         kind = rope_type(scaling)
