@@ -197,12 +197,12 @@ def save_caches(path: str | Path, caches: list[KVCache], metadata: Optional[dict
 def load_caches(path: str | Path) -> tuple[list[KVCache], dict]:
     """The caches and metadata save_caches wrote."""
     path = Path(path)
+    if not path.is_file():
+        raise QwenMLXError(f"{path}: no such file")
     try:
         arrays, header = mx.load(str(path), return_metadata=True)
         layers = json.loads(header["qwenmlx_caches"])
         metadata = json.loads(header["qwenmlx_metadata"])
-    except FileNotFoundError:
-        raise QwenMLXError(f"{path}: no such file") from None
     except (KeyError, ValueError, RuntimeError) as e:
         raise QwenMLXError(f"{path}: not a qwenmlx KV cache file ({e})") from None
     caches = []
