@@ -24,6 +24,7 @@ class KVCache:
 
     step = 256
     max_size: Optional[int] = None  # the growing cache is unbounded
+    keep = evicted = 0  # the rotating cache's kept (sink) tokens and tokens dropped so far
 
     def __init__(self, bits: Optional[int] = None, group_size: int = 64):
         if bits is not None and bits not in SUPPORTED_KV_BITS:
@@ -117,7 +118,6 @@ class RotatingKVCache(KVCache):
         self.max_size, self.keep = max_size, keep
         # Evicting a quarter of the window at a time pays re-rotation once per that many tokens.
         self.evict = evict or max(1, (max_size - keep) // 4)
-        self.evicted = 0  # tokens dropped so far, for the UI
 
     def attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float, rope) -> mx.array:
         outputs, start, L = [], 0, keys.shape[2]
