@@ -71,9 +71,10 @@ def make_sampler(sampling: Sampling) -> Callable[[mx.array, mx.array], mx.array]
         if sampling.temperature == 0:
             return mx.argmax(logits, axis=-1)
         logits = logits / sampling.temperature
-        if 0 < sampling.top_k < logits.shape[-1]:
-            dropped = mx.argpartition(-logits, kth=sampling.top_k - 1, axis=-1)[..., sampling.top_k :]
-            logits = mx.put_along_axis(logits, dropped, mx.array(-float("inf"), logits.dtype), axis=-1)
+        candidates = None
+        if 0 < sampling.top_k < logits.shape[-1]:  # continue with the k best only: no sort over the vocabulary
+            candidates = mx.argpartition(-logits, kth=sampling.top_k - 1, axis=-1)[..., : sampling.top_k]
+            logits = mx.take_along_axis(logits, candidates, axis=-1)
         if sampling.top_p < 1.0:
             logits = apply_top_p(logits, sampling.top_p)
         if sampling.min_p > 0:
@@ -81,9 +82,13 @@ def make_sampler(sampling: Sampling) -> Callable[[mx.array, mx.array], mx.array]
             threshold = logprobs.max(axis=-1, keepdims=True) + mx.log(mx.array(sampling.min_p))
             logits = mx.where(logprobs < threshold, -float("inf"), logits)
         if key is None:
-            return mx.random.categorical(logits)
-        key, step_key = mx.random.split(key)
-        return mx.random.categorical(logits, key=step_key)
+            choice = mx.random.categorical(logits)
+        else:
+            key, step_key = mx.random.split(key)
+            choice = mx.random.categorical(logits, key=step_key)
+        if candidates is None:
+            return choice
+        return mx.take_along_axis(candidates, choice[..., None], axis=-1).squeeze(-1)
 
     return sample
 
