@@ -76,18 +76,17 @@ class ChatSession:
     def reply(self, user_text: str) -> Iterator[Step]:
         """Stream the answer to user_text; closing the iterator early (Ctrl-C) keeps what was said so far."""
         self.messages.append({"role": "user", "content": user_text})
-        turn = self.last_turn = Turn()
-        prompt = self._fit_window(turn)
-        reused = self._reuse_cache(prompt)
-        turn.reused_tokens, turn.prefilled_tokens = reused, len(prompt) - reused
-        evicted_before = self.cache[0].evicted
-        sampling = default_sampling(self.thinking, self.tokenizer.generation_config, **self.sampling_overrides)
-        steps = stream_generate(self.model, self.tokenizer, prompt[reused:], cache=self.cache, sampling=sampling,
-                                max_tokens=self.max_tokens, thinking_budget=self.thinking_budget,
-                                prefill_step=self.prefill_step)
-        generated, text = [], []
-        turn.interrupted = True
+        turn = self.last_turn = Turn(interrupted=True)
+        prompt, generated, text, steps = [], [], [], None
         try:
+            prompt = self._fit_window(turn)
+            reused = self._reuse_cache(prompt)
+            turn.reused_tokens, turn.prefilled_tokens = reused, len(prompt) - reused
+            evicted_before = self.cache[0].evicted
+            sampling = default_sampling(self.thinking, self.tokenizer.generation_config, **self.sampling_overrides)
+            steps = stream_generate(self.model, self.tokenizer, prompt[reused:], cache=self.cache,
+                                    sampling=sampling, max_tokens=self.max_tokens,
+                                    thinking_budget=self.thinking_budget, prefill_step=self.prefill_step)
             for step in steps:
                 generated.append(step.token)
                 text.append(step.text)
@@ -95,11 +94,12 @@ class ChatSession:
                 yield step
             turn.interrupted = False
         finally:
-            steps.close()
+            if steps is not None:
+                steps.close()
+                turn.evicted_tokens = self.cache[0].evicted - evicted_before
+                # The cache holds a prefix of prompt + answer (generation never feeds its last token).
+                self.cached_tokens = (prompt + generated)[: self.cache[0].offset + self.cache[0].evicted]
             self.messages.append({"role": "assistant", "content": "".join(text)})
-            fed = prompt + generated
-            self.cached_tokens = fed[: self.cache[0].offset + self.cache[0].evicted]
-            turn.evicted_tokens = self.cache[0].evicted - evicted_before
 
     def _fit_window(self, turn: Turn) -> list[int]:
         """Render the history; without a rotating cache, drop the oldest exchanges (never the system prompt) to fit."""

@@ -24,6 +24,9 @@ Type a message and press Enter. End a line with \\ to continue it, or wrap sever
   /help, /exit        this text; leave (Ctrl-D also leaves; Ctrl-C stops an answer)"""
 
 
+CONTINUATION = Text("... ", style="dim")
+
+
 class ChatTerminal:
     def __init__(self, session: ChatSession, console: Console, *, plain: bool = False, hide_thinking: bool = False):
         self.session, self.console, self.plain, self.hide_thinking = session, console, plain, hide_thinking
@@ -53,13 +56,13 @@ class ChatTerminal:
         line = self.console.input("[bold green]>>> [/bold green]")
         if line.strip() == '"""':
             lines = []
-            while (line := self.console.input("... ")).strip() != '"""':
+            while (line := self.console.input(CONTINUATION)).strip() != '"""':
                 lines.append(line)
             return "\n".join(lines)
         lines = [line]
         while lines[-1].endswith("\\"):
             lines[-1] = lines[-1][:-1]
-            lines.append(self.console.input("... "))
+            lines.append(self.console.input(CONTINUATION))
         return "\n".join(lines)
 
     def answer(self, text: str) -> None:
