@@ -57,3 +57,109 @@ def info(model: str = typer.Argument(..., help="Model directory or Hugging Face 
     for key, value in facts.items():
         table.add_row(f"[bold]{key}[/bold]", str(value))
     console.print(table)
+
+
+# --- generation: `generate` and `chat` ---
+
+DEFAULT_MODEL = "Qwen/Qwen3-30B-A3B"
+
+
+def load_for_generation(model: str):
+    """(model, tokenizer); the default model only from the local Hugging Face cache, never a silent 60 GB download."""
+    from pathlib import Path
+
+    from .checkpoint import load
+
+    if model == DEFAULT_MODEL and not Path(model).exists():
+        from huggingface_hub import snapshot_download
+
+        try:
+            model = snapshot_download(model, local_files_only=True)
+        except Exception:
+            raise QwenMLXError(
+                f"{DEFAULT_MODEL} is not in the local Hugging Face cache: download it with "
+                f"`huggingface-cli download {DEFAULT_MODEL}` (about 61 GB), or convert it to MLX with "
+                "`qwenmlx convert`, and pass --model DIR"
+            ) from None
+    return load(model)
+
+
+def sampling_options(temp, top_p, top_k, min_p, presence_penalty, repetition_penalty, seed) -> dict:
+    return dict(temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p, presence_penalty=presence_penalty,
+                repetition_penalty=repetition_penalty, seed=seed)
+
+
+MODEL_OPTION = typer.Option(DEFAULT_MODEL, "--model", "-m", help="MLX or Hugging Face model directory, or a Hub id.")
+TEMP_OPTION = typer.Option(None, "--temp", help="Temperature; 0 is greedy. Default: Qwen's guidance for the mode.")
+TOP_P_OPTION = typer.Option(None, "--top-p")
+TOP_K_OPTION = typer.Option(None, "--top-k")
+MIN_P_OPTION = typer.Option(None, "--min-p")
+PRESENCE_OPTION = typer.Option(None, "--presence-penalty")
+REPETITION_OPTION = typer.Option(None, "--repetition-penalty")
+SEED_OPTION = typer.Option(None, "--seed")
+BUDGET_OPTION = typer.Option(None, "--thinking-budget", help="Close the thought after this many tokens.")
+PREFILL_OPTION = typer.Option(None, "--prefill-step", help="Prompt tokens per prefill chunk (default: from free memory).")
+
+
+@app.command()
+@user_errors
+def generate(prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt, or - to read it from stdin."),
+             model: str = MODEL_OPTION,
+             max_tokens: int = typer.Option(512, "--max-tokens"),
+             think: bool = typer.Option(False, "--think/--no-think", help="Let the model think first."),
+             system: str = typer.Option(None, "--system", help="System prompt."),
+             temp: float = TEMP_OPTION, top_p: float = TOP_P_OPTION, top_k: int = TOP_K_OPTION,
+             min_p: float = MIN_P_OPTION, presence_penalty: float = PRESENCE_OPTION,
+             repetition_penalty: float = REPETITION_OPTION, seed: int = SEED_OPTION,
+             thinking_budget: int = BUDGET_OPTION, prefill_step: int = PREFILL_OPTION,
+             json_output: bool = typer.Option(False, "--json", help="Print JSON with the text, token counts, speeds.")):
+    """One answer to one prompt, for scripts: the text on stdout (or JSON)."""
+    import json
+
+    from .generate import default_sampling, stream_generate
+
+    text = sys.stdin.read() if prompt == "-" else prompt
+    llm, tokenizer = load_for_generation(model)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    tokens = tokenizer.apply_chat_template(messages, enable_thinking=think, tokenize=True)
+    sampling = default_sampling(think, tokenizer.generation_config, **sampling_options(
+        temp, top_p, top_k, min_p, presence_penalty, repetition_penalty, seed))
+    pieces, stats = [], None
+    for step in stream_generate(llm, tokenizer, tokens, sampling=sampling, max_tokens=max_tokens,
+                                thinking_budget=thinking_budget, prefill_step=prefill_step):
+        stats = step.stats
+        pieces.append(step.text)
+        if not json_output:
+            sys.stdout.write(step.text)
+            sys.stdout.flush()
+    if json_output:
+        print(json.dumps({"text": "".join(pieces), **stats.to_dict()}, indent=2))
+    else:
+        sys.stdout.write("\n")
+
+
+@app.command()
+@user_errors
+def chat(model: str = MODEL_OPTION,
+         max_kv_size: int = typer.Option(None, "--max-kv-size",
+                                         help="Bound the KV cache to N tokens (rotating; keeps the first 4)."),
+         kv_bits: int = typer.Option(None, "--kv-bits", help="Quantize the KV cache to 8 or 4 bits."),
+         think: bool = typer.Option(True, "--think/--no-think", help="Thinking mode at the start."),
+         system: str = typer.Option(None, "--system", help="System prompt."),
+         max_tokens: int = typer.Option(8192, "--max-tokens", help="Longest answer, in tokens."),
+         hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not show the <think> part."),
+         plain: bool = typer.Option(False, "--plain", help="Plain streamed text: no live view, no Markdown."),
+         temp: float = TEMP_OPTION, top_p: float = TOP_P_OPTION, top_k: int = TOP_K_OPTION,
+         min_p: float = MIN_P_OPTION, presence_penalty: float = PRESENCE_OPTION,
+         repetition_penalty: float = REPETITION_OPTION, seed: int = SEED_OPTION,
+         thinking_budget: int = BUDGET_OPTION, prefill_step: int = PREFILL_OPTION):
+    """Chat in the terminal, with thinking, prompt reuse across turns and /commands (/help)."""
+    from .chat import ChatSession
+    from .chat_terminal import ChatTerminal
+
+    with console.status(f"loading {model}"):
+        llm, tokenizer = load_for_generation(model)
+    session = ChatSession(llm, tokenizer, system=system, thinking=think, max_kv_size=max_kv_size, kv_bits=kv_bits,
+                          max_tokens=max_tokens, thinking_budget=thinking_budget, prefill_step=prefill_step,
+                          **sampling_options(temp, top_p, top_k, min_p, presence_penalty, repetition_penalty, seed))
+    ChatTerminal(session, console, plain=plain, hide_thinking=hide_thinking).run()
