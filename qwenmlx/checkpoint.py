@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten
 from .config import ModelConfig, read_config
 from .errors import QwenMLXError
 from .model import Model
+from .tokenizer import Tokenizer
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.tiktoken", "*.txt"]
 SAFETENSORS_DTYPE_BYTES = {
@@ -215,8 +216,6 @@ def load_model(
 
 def load(path_or_hub_id: str | Path, *, rope_scaling: Optional[dict] = None, dtype: Optional[mx.Dtype] = None):
     """(model, tokenizer) from a local dir or a Hub id; rope_scaling overrides the config's (e.g. YaRN factor 4)."""
-    from .tokenizer import Tokenizer
-
     model, model_dir = load_model(path_or_hub_id, rope_scaling=rope_scaling, dtype=dtype)
     return model, Tokenizer.from_dir(model_dir)
 

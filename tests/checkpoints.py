@@ -4,6 +4,8 @@ from pathlib import Path
 
 import torch
 
+from tests.qwen_tokenizer_files import write_tokenizer_files
+
 VOCAB = 151936  # the real Qwen3 vocabulary size, so the real tokenizer fits
 
 TINY_MOE = dict(
@@ -53,10 +55,16 @@ def write_hf_checkpoint(dst: Path, config_kwargs: dict, dtype=torch.float32, see
     """Save like a Hub checkpoint: sharded safetensors with an index, in the given dtype."""
     model = hf_model(config_kwargs, seed).to(dtype)
     model.save_pretrained(dst, max_shard_size="20MB")
-    try:
-        from qwen_tokenizer_files import write_tokenizer_files
-    except ImportError:
-        write_tokenizer_files = None
-    if write_tokenizer_files is not None:
-        write_tokenizer_files(dst)
+    write_tokenizer_files(dst)
     return dst
+
+# Each variant exercises one structural option of the config against transformers.
+MODEL_VARIANTS = {
+    "moe": TINY_MOE,
+    "moe-gqa-4to1-tied": dict(TINY_MOE, num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+                              tie_word_embeddings=True),
+    "moe-mha-mlp-only-layers": dict(TINY_MOE, num_key_value_heads=4, mlp_only_layers=[1]),
+    "moe-sparse-step-2-no-renorm": dict(TINY_MOE, decoder_sparse_step=2, norm_topk_prob=False),
+    "dense": TINY_DENSE,
+    "dense-tied": dict(TINY_DENSE, tie_word_embeddings=True, num_key_value_heads=1),
+}

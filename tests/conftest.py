@@ -1,30 +1,25 @@
-"""Session-wide fixtures: tiny random checkpoints written once by transformers and shared by all tests."""
+"""Session-wide fixtures: the real Qwen3 tokenizer and tiny random checkpoints, each written once."""
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+from tests.checkpoints import MODEL_VARIANTS, write_hf_checkpoint
+from tests.qwen_tokenizer_files import write_tokenizer_files
 
-from checkpoints import TINY_DENSE, TINY_MOE, write_hf_checkpoint  # noqa: E402
 
-# Each variant exercises one structural option of the config against transformers.
-MODEL_VARIANTS = {
-    "moe": TINY_MOE,
-    "moe-gqa-4to1-tied": dict(TINY_MOE, num_attention_heads=8, num_key_value_heads=2, head_dim=16,
-                              tie_word_embeddings=True),
-    "moe-mha-mlp-only-layers": dict(TINY_MOE, num_key_value_heads=4, mlp_only_layers=[1]),
-    "moe-sparse-step-2-no-renorm": dict(TINY_MOE, decoder_sparse_step=2, norm_topk_prob=False),
-    "dense": TINY_DENSE,
-    "dense-tied": dict(TINY_DENSE, tie_word_embeddings=True, num_key_value_heads=1),
-}
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir(tmp_path_factory):
+    """A directory holding Qwen3's real tokenizer files (tokenizer.json rebuilt from qwen.tiktoken)."""
+    path = tmp_path_factory.mktemp("qwen_tokenizer")
+    write_tokenizer_files(path)
+    return path
 
 
 @pytest.fixture(scope="session")
 def checkpoint_dir(tmp_path_factory):
-    """A function returning the directory of a tiny checkpoint, written on first request only."""
+    """A function returning the directory of a tiny checkpoint (with the real tokenizer), written on first request."""
     written = {}
 
     def get(variant: str = "moe", dtype=torch.float32) -> Path:

@@ -4,11 +4,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import MODEL_VARIANTS
 from transformers import AutoModelForCausalLM
 
 from qwenmlx.cache import make_cache
 from qwenmlx.checkpoint import load_model
+from tests.checkpoints import MODEL_VARIANTS
 
 # Both sides compute in float32 on the same weights; what is left is summation order.
 LOGITS_ATOL = 1e-4
