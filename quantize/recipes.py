@@ -224,3 +224,14 @@ def _rule(table: dict, where: str) -> Rule:
             raise QwenMLXError(f"{where}: keep = true takes no bits/group_size/mode")
         return Rule(table["pattern"], None, layers)
     return Rule(table["pattern"], _params({k: v for k, v in table.items() if k in _PARAM_KEYS}, where), layers)
+
+
+def recipe_from_options(recipe: Optional[str], bits: Optional[int], group_size: int) -> Optional[Recipe]:
+    """The CLI's --recipe / --bits / --group-size: a recipe, `--bits N` for qN, or neither for no quantization."""
+    if recipe is not None and bits is not None:
+        raise QwenMLXError("give --recipe or --bits, not both (--bits N is the recipe qN)")
+    if bits is not None:
+        if f"q{bits}" not in BUILTIN_RECIPES:
+            raise QwenMLXError(f"--bits must be 4, 6 or 8 (or pick a --recipe), got {bits}")
+        recipe = f"q{bits}"
+    return get_recipe(recipe, group_size) if recipe is not None else None

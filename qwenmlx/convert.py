@@ -38,11 +38,9 @@ from .model import Model
 MAX_SHARD_BYTES = 5 * 10**9
 BLOCK_BYTES = 64 << 20  # float32 bytes of one block of rows read, converted and written at once
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
-# safetensors dtype -> (numpy dtype of the raw bytes, MLX dtype of the values; None: FP8, decoded separately)
-STORED_DTYPES = {
-    "F32": (np.float32, mx.float32), "F16": (np.float16, mx.float16), "BF16": (np.uint16, mx.bfloat16),
-    "U32": (np.uint32, mx.uint32), "U8": (np.uint8, mx.uint8), "F8_E4M3": (np.uint8, None),
-}
+# safetensors dtype -> numpy dtype of its raw bytes (bf16 is viewed as such in MLX, FP8 decoded by mx.from_fp8)
+STORED_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U32": np.uint32, "U8": np.uint8,
+                 "F8_E4M3": np.uint8}
 SAFETENSORS_NAMES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32", mx.uint8: "U8"}
 OUTPUT_DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -65,7 +63,7 @@ class StoredTensor:
 
     def read_rows(self, start: int, count: int) -> mx.array:
         """Rows [start, start + count) of the tensor seen as [rows, last dim]; FP8 comes back as raw uint8."""
-        np_dtype, mx_dtype = STORED_DTYPES[self.dtype]
+        np_dtype = STORED_DTYPES[self.dtype]
         n = count * self.row_length
         offset = self.offset + start * self.row_length * np.dtype(np_dtype).itemsize
         try:
@@ -75,7 +73,7 @@ class StoredTensor:
         if data.size != n:
             raise QwenMLXError(f"{self.path}: truncated while reading tensor {self.name}")
         rows = mx.array(data.reshape(count, self.row_length))
-        return rows.view(mx.bfloat16) if mx_dtype == mx.bfloat16 else rows
+        return rows.view(mx.bfloat16) if self.dtype == "BF16" else rows
 
 
 def stored_tensors(model_dir: Path) -> dict[str, StoredTensor]:
