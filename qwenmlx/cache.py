@@ -10,7 +10,6 @@ to contiguous positions, as llama.cpp's context shift does, so positions never e
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import mlx.core as mx
 
@@ -23,16 +22,16 @@ class KVCache:
     """A growing cache, pre-allocated in steps so that decode does not reallocate every token."""
 
     step = 256
-    max_size: Optional[int] = None  # the growing cache is unbounded
+    max_size: int | None = None  # the growing cache is unbounded
     keep = evicted = 0  # the rotating cache's kept (sink) tokens and tokens dropped so far
 
-    def __init__(self, bits: Optional[int] = None, group_size: int = 64):
+    def __init__(self, bits: int | None = None, group_size: int = 64):
         if bits is not None and bits not in SUPPORTED_KV_BITS:
             raise QwenMLXError(f"--kv-bits {bits}: supported KV cache bits are {SUPPORTED_KV_BITS}")
         self.bits, self.group_size = bits, group_size
         # Arrays with the token axis at 2: [keys, values], or quantized
         # [keys, key_scales, key_biases, values, value_scales, value_biases].
-        self.buffers: Optional[list[mx.array]] = None
+        self.buffers: list[mx.array] | None = None
         self.offset = 0  # tokens held; also the RoPE position of the next token
 
     def attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float, rope) -> mx.array:
@@ -110,8 +109,8 @@ class RotatingKVCache(KVCache):
     pieces, each after the eviction single-token decode would have made, so both give the same numbers.
     """
 
-    def __init__(self, max_size: int, keep: int = 4, bits: Optional[int] = None, group_size: int = 64,
-                 evict: Optional[int] = None):
+    def __init__(self, max_size: int, keep: int = 4, bits: int | None = None, group_size: int = 64,
+                 evict: int | None = None):
         super().__init__(bits, group_size)
         if max_size <= keep:
             raise QwenMLXError(f"--max-kv-size {max_size}: must exceed the {keep} kept (sink) tokens")
@@ -174,7 +173,7 @@ def kv_group_size(head_dim: int) -> int:
     raise QwenMLXError(f"head_dim {head_dim}: a quantized KV cache needs a multiple of 32")
 
 
-def make_cache(model, max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None,
+def make_cache(model, max_kv_size: int | None = None, kv_bits: int | None = None,
                keep: int = 4) -> list[KVCache]:
     """One cache per decoder layer, in the order model(tokens, cache) expects."""
     group_size = kv_group_size(model.config.head_dim) if kv_bits else 64
@@ -183,7 +182,7 @@ def make_cache(model, max_kv_size: Optional[int] = None, kv_bits: Optional[int] 
     return [KVCache(kv_bits, group_size) for _ in model.layers]
 
 
-def save_caches(path: str | Path, caches: list[KVCache], metadata: Optional[dict] = None) -> None:
+def save_caches(path: str | Path, caches: list[KVCache], metadata: dict | None = None) -> None:
     """Write every layer's held tokens to one safetensors file, with how to rebuild the caches in its metadata."""
     path = Path(path)
     arrays = {f"{i}.{j}": a for i, cache in enumerate(caches) for j, a in enumerate(cache.state)}

@@ -6,9 +6,9 @@ tokens the cache already holds: the longest common prefix stays, the rest of the
 """
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
 
 from .cache import load_caches, make_cache, save_caches
 from .errors import QwenMLXError
@@ -41,9 +41,9 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
 class ChatSession:
     """A multi-turn chat; `reply` streams the answer and keeps the history and the cache in step."""
 
-    def __init__(self, model, tokenizer, *, system: Optional[str] = None, thinking: bool = True,
-                 max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None, max_tokens: int = 4096,
-                 thinking_budget: Optional[int] = None, prefill_step: Optional[int] = None, **sampling):
+    def __init__(self, model, tokenizer, *, system: str | None = None, thinking: bool = True,
+                 max_kv_size: int | None = None, kv_bits: int | None = None, max_tokens: int = 4096,
+                 thinking_budget: int | None = None, prefill_step: int | None = None, **sampling):
         self.model, self.tokenizer = model, tokenizer
         self.thinking, self.max_tokens, self.thinking_budget = thinking, max_tokens, thinking_budget
         self.max_kv_size, self.kv_bits, self.prefill_step = max_kv_size, kv_bits, prefill_step
@@ -57,9 +57,9 @@ class ChatSession:
         self.messages: list[dict] = []
         self.cache = make_cache(self.model, self.max_kv_size, self.kv_bits)
         self.cached_tokens: list[int] = []  # every token fed into the cache, in order (some may be evicted)
-        self.last_turn: Optional[Turn] = None
+        self.last_turn: Turn | None = None
 
-    def set_system(self, text: Optional[str]) -> None:
+    def set_system(self, text: str | None) -> None:
         self.system = text or None
 
     @property
@@ -67,7 +67,7 @@ class ChatSession:
         """Tokens the cache holds now."""
         return self.cache[0].offset
 
-    def render(self, messages: Optional[list[dict]] = None) -> list[int]:
+    def render(self, messages: list[dict] | None = None) -> list[int]:
         """The prompt Qwen3's template makes of the message list, ending with the assistant's turn opening."""
         system = [{"role": "system", "content": self.system}] if self.system else []
         return self.tokenizer.apply_chat_template(system + (self.messages if messages is None else messages),

@@ -10,8 +10,8 @@ token n to the caller, so the model keeps working while the caller prints.
 
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Iterable, Iterator, Optional
 
 import mlx.core as mx
 
@@ -36,7 +36,7 @@ class Sampling:
     min_p: float = 0.0
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    seed: Optional[int] = None
+    seed: int | None = None
 
 
 # Qwen3's published guidance per mode.
@@ -46,7 +46,7 @@ QWEN_SAMPLING = {
 }
 
 
-def default_sampling(thinking: bool, generation_config: Optional[dict] = None, **overrides) -> Sampling:
+def default_sampling(thinking: bool, generation_config: dict | None = None, **overrides) -> Sampling:
     """Qwen's guidance for the mode, then generation_config.json, then the user's settings (None: not given).
 
     generation_config.json carries a single set of values, the ones for the model's default mode, so it
@@ -153,7 +153,7 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def prefill_step_for(model, context_tokens: int, memory: Optional[int] = None) -> int:
+def prefill_step_for(model, context_tokens: int, memory: int | None = None) -> int:
     """The largest prefill chunk whose transient buffers fit in half the available memory at this context length.
 
     Per query token a chunk holds attention scores over the whole context (with the softmax, three
@@ -169,8 +169,8 @@ def prefill_step_for(model, context_tokens: int, memory: Optional[int] = None) -
     return max(MIN_PREFILL_STEP, min(DEFAULT_MAX_PREFILL_STEP, step))
 
 
-def prefill(model, cache: list, tokens: list[int], step: Optional[int] = None,
-            on_progress: Optional[Callable[[int, int], None]] = None) -> None:
+def prefill(model, cache: list, tokens: list[int], step: int | None = None,
+            on_progress: Callable[[int, int], None] | None = None) -> None:
     """Run tokens into the cache `step` at a time; only the cache is evaluated, so no logits are computed."""
     if not tokens:
         return
@@ -187,7 +187,7 @@ def prefill(model, cache: list, tokens: list[int], step: Optional[int] = None,
 class Thought:
     """Tracks whether the tokens are inside <think>...</think> and how long the current thought is."""
 
-    def __init__(self, start_id: Optional[int], end_id: Optional[int], prompt: Iterable[int] = ()):
+    def __init__(self, start_id: int | None, end_id: int | None, prompt: Iterable[int] = ()):
         self.start_id, self.end_id = start_id, end_id
         self.inside, self.length = False, 0
         for token in prompt:  # a template may open the thought in the prompt
@@ -207,10 +207,10 @@ class Thought:
 
 
 def generate_tokens(
-    model, prompt_tokens: list[int], *, cache: Optional[list] = None, sampling: Sampling = Sampling(),
-    max_tokens: int = 256, stop_ids: Iterable[int] = (), thinking_budget: Optional[int] = None,
-    budget_tokens: list[int] = (), think_ids: tuple = (None, None), prefill_step: Optional[int] = None,
-    on_prefill_progress: Optional[Callable[[int, int], None]] = None, stats: Optional[Stats] = None,
+    model, prompt_tokens: list[int], *, cache: list | None = None, sampling: Sampling = Sampling(),
+    max_tokens: int = 256, stop_ids: Iterable[int] = (), thinking_budget: int | None = None,
+    budget_tokens: list[int] = (), think_ids: tuple = (None, None), prefill_step: int | None = None,
+    on_prefill_progress: Callable[[int, int], None] | None = None, stats: Stats | None = None,
 ) -> Iterator[tuple[int, bool]]:
     """Yield (token, in_thought) for each new token until a stop token or max_tokens.
 
@@ -293,9 +293,9 @@ class Step:
 
 
 def stream_generate(
-    model, tokenizer, prompt_tokens: list[int], *, cache: Optional[list] = None, sampling: Optional[Sampling] = None,
-    max_tokens: int = 256, thinking_budget: Optional[int] = None, prefill_step: Optional[int] = None,
-    on_prefill_progress: Optional[Callable[[int, int], None]] = None,
+    model, tokenizer, prompt_tokens: list[int], *, cache: list | None = None, sampling: Sampling | None = None,
+    max_tokens: int = 256, thinking_budget: int | None = None, prefill_step: int | None = None,
+    on_prefill_progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[Step]:
     """generate_tokens with the tokenizer's stop tokens, thinking markers and text; the final text is in the last step."""
     stats = Stats()

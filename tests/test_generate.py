@@ -16,8 +16,16 @@ from qwenmlx.cache import make_cache
 from qwenmlx.checkpoint import load, load_model
 from qwenmlx.config import config_from_dict
 from qwenmlx.generate import (
-    THINKING_BUDGET_TEXT, Sampling, apply_penalties, default_sampling, generate_tokens, make_sampler,
-    Stats, prefill, prefill_step_for, stream_generate,
+    THINKING_BUDGET_TEXT,
+    Sampling,
+    Stats,
+    apply_penalties,
+    default_sampling,
+    generate_tokens,
+    make_sampler,
+    prefill,
+    prefill_step_for,
+    stream_generate,
 )
 from qwenmlx.model import Model
 
