@@ -443,25 +443,22 @@ def median_of(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
-def run_bench(options: BenchOptions, on_step: Callable[[str, int, int], None] = lambda *_: None) -> dict:
-    """Measure everything the options ask for; on_step(label, done, total) reports progress. Returns plain data."""
-    if shutil.which("/usr/bin/time") is None and options.convert:
-        raise QwenMLXError("bench: the conversion benchmark needs GNU time (/usr/bin/time); pass --no-convert")
-    options.workdir.mkdir(parents=True, exist_ok=True)
-    config = bench_config(options.config, options.layers)
-    facts = machine()
-    on_step("writing the synthetic checkpoints (once per size)", 0, 1)
-    hf, checkpoints = synthetic_checkpoints(options)
+Step = tuple[str, Callable[[], dict]]  # a label, and a run returning {"bandwidth"|"run"|"conversion": ...}
 
-    runs: list[dict] = []
-    variants = [(side, options.dtype) for side in SIDES]
-    if options.default_dtypes:
-        variants.append(("mlx-lm", None))  # mlx-lm's default: the checkpoint's bf16
-    # Each step is (label, a function returning one of {"bandwidth": ...}, {"run": ...}, {"conversion": ...}).
-    plan: list[tuple[str, Callable[[], dict]]] = [
-        ("read bandwidth", lambda: {"bandwidth": run_child({"kind": "bandwidth", "gigabytes": options.bandwidth_gb})})]
+
+def variants(options: BenchOptions) -> list[tuple[str, str | None]]:
+    """(side, dtype) pairs to run: both sides at the same dtype, and mlx-lm at its default (None: the checkpoint's)."""
+    out = [(side, options.dtype) for side in SIDES]
+    return out + [("mlx-lm", None)] if options.default_dtypes else out
+
+
+def plan_steps(options: BenchOptions, config: dict, hf: Path, checkpoints: dict[int, Path]) -> list[Step]:
+    """The child runs in order: per repeat, the sides alternate and swap which goes first."""
+    steps: list[Step] = [("read bandwidth", lambda: {"bandwidth": run_child(
+        {"kind": "bandwidth", "gigabytes": options.bandwidth_gb})})]
+    pairs = variants(options)
     for repeat in range(options.repeats):
-        order = variants if repeat % 2 == 0 else variants[1::-1] + variants[2:]
+        order = pairs if repeat % 2 == 0 else pairs[1::-1] + pairs[2:]
         for bits, path in checkpoints.items():
             for kind in ("generate", "context") if options.contexts else ("generate",):
                 for side, dtype in order:
@@ -472,36 +469,29 @@ def run_bench(options: BenchOptions, on_step: Callable[[str, int, int], None] = 
                             "vocab": config["vocab_size"], "top_k": config["num_experts_per_tok"],
                             "kv_heads": config["num_key_value_heads"], "head_dim": config["head_dim"],
                             "contexts": list(options.contexts), "context_steps": options.context_steps}
-                    plan.append((f"{kind} {bits}-bit experts: {side} ({dtype or 'default dtype'}), repeat {repeat + 1}",
-                                 lambda task=task: {"run": {**task, **run_child(task)}}))
-    if options.convert:
-        for repeat in range(options.repeats):
-            for side in SIDES if repeat % 2 == 0 else SIDES[::-1]:
+                    steps.append((f"{kind}, {bits}-bit experts, {side} ({dtype or 'default dtype'}), "
+                                  f"repeat {repeat + 1}", lambda task=task: {"run": {**task, **run_child(task)}}))
+    for repeat in range(options.repeats if options.convert else 0):
+        for side in SIDES if repeat % 2 == 0 else SIDES[::-1]:
+            def convert_once(side=side):
                 dst = options.workdir / f"converted-{side}"
+                shutil.rmtree(dst, ignore_errors=True)
+                return {"conversion": {"side": side, **measure_command(conversion_commands(hf, dst)[side])}}
 
-                def convert_once(side=side, dst=dst, repeat=repeat):
-                    shutil.rmtree(dst, ignore_errors=True)
-                    return {"conversion": {"side": side, "repeat": repeat,
-                                           **measure_command(conversion_commands(hf, dst)[side])}}
+            steps.append((f"convert, {side}, repeat {repeat + 1}", convert_once))
+    return steps
 
-                plan.append((f"convert {side}, repeat {repeat + 1}", convert_once))
 
-    bandwidth, conversions = None, []
-    for done, (label, run) in enumerate(plan):
-        on_step(label, done, len(plan))
-        out = run()
-        bandwidth = out.get("bandwidth", {}).get("read_gbps", bandwidth)
-        runs += [out["run"]] if "run" in out else []
-        conversions += [out["conversion"]] if "conversion" in out else []
-    on_step("done", len(plan), len(plan))
-
-    facts["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    result = {"machine": facts, "options": {**asdict(options), "workdir": str(options.workdir),
-                                            "config": str(options.config)},
+def summarise(options: BenchOptions, outputs: list[dict]) -> dict:
+    """Medians over the repeats, per bit width and side, with the bandwidth bound and the targets."""
+    bandwidth = next(o["bandwidth"]["read_gbps"] for o in outputs if "bandwidth" in o)
+    runs = [o["run"] for o in outputs if "run" in o]
+    conversions = [o["conversion"] for o in outputs if "conversion" in o]
+    result = {"options": {**asdict(options), "workdir": str(options.workdir), "config": str(options.config)},
               "read_bandwidth_gbps": bandwidth, "generation": [], "long_context": [], "conversion": None,
               "notes": NOTES}
-    for bits in checkpoints:
-        for side, dtype in variants:
+    for bits in options.bits:
+        for side, dtype in variants(options):
             mine = [r for r in runs if r["bits"] == bits and r["side"] == side and r["dtype"] == dtype]
             gen = [r for r in mine if r["kind"] == "generate"]
             row = {"bits": bits, "side": side, "dtype": dtype or "bfloat16 (default)", "runs": len(gen)}
@@ -512,14 +502,14 @@ def run_bench(options: BenchOptions, on_step: Callable[[str, int, int], None] = 
             row["fraction_of_bound"] = row["decode_tps"] / row["bound_tps"]
             row["kernels"] = gen[0]["kernels"]
             result["generation"].append(row)
-            contexts = [row for r in mine if r["kind"] == "context" for row in r["rows"]]
+            cells = [cell for r in mine if r["kind"] == "context" for cell in r["rows"]]
             for context in options.contexts:
                 for kind in CACHE_KINDS:
-                    cells = [c for c in contexts if c["context"] == context and c["cache"] == kind]
-                    if cells:
+                    same = [c for c in cells if c["context"] == context and c["cache"] == kind]
+                    if same:
                         result["long_context"].append({
                             "bits": bits, "side": side, "context": context, "cache": kind,
-                            **{k: median_of(cells, k) for k in ("decode_tps", "cache_gb", "peak_memory_gb")}})
+                            **{k: median_of(same, k) for k in ("decode_tps", "cache_gb", "peak_memory_gb")}})
     if conversions:
         result["conversion"] = {side: {k: median_of([c for c in conversions if c["side"] == side], k)
                                        for k in ("peak_rss_gb", "wall_s")} for side in SIDES}
@@ -527,6 +517,25 @@ def run_bench(options: BenchOptions, on_step: Callable[[str, int, int], None] = 
                                                                  options.workdir / "converted-mlx-lm")
     result["targets"] = targets(result)
     return result
+
+
+def run_bench(options: BenchOptions, on_step: Callable[[str, int, int], None] = lambda *_: None) -> dict:
+    """Measure everything the options ask for; on_step(label, done, total) reports progress. Returns plain data."""
+    if options.convert and shutil.which("/usr/bin/time") is None:
+        raise QwenMLXError("bench: the conversion benchmark needs GNU time (/usr/bin/time); pass --no-convert")
+    options.workdir.mkdir(parents=True, exist_ok=True)
+    config = bench_config(options.config, options.layers)
+    facts = machine()
+    on_step("writing the synthetic checkpoints (once per size)", 0, 1)
+    hf, checkpoints = synthetic_checkpoints(options)
+    steps = plan_steps(options, config, hf, checkpoints)
+    outputs = []
+    for done, (label, run) in enumerate(steps):
+        on_step(label, done, len(steps))
+        outputs.append(run())
+    on_step("done", len(steps), len(steps))
+    facts["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    return {"machine": facts, **summarise(options, outputs)}
 
 
 NOTES = [
