@@ -13,3 +13,6 @@ test:
 
 lint:
 	$(VENV)/bin/ruff check qwenmlx quantize scripts tests
+
+bench:
+	$(PY) scripts/bench.py
