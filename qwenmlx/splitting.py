@@ -10,7 +10,7 @@ Parts are exact slices of the text, in order: "".join(parts) == text.
 """
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 HEADINGS = [re.compile(rf"(?m)^(?=#{{1,{level}}}[ \t])") for level in range(1, 7)]
 PARAGRAPHS = re.compile(r"\n[ \t]*\n\s*")
