@@ -1,38 +1,47 @@
-"""KV caches: what each attention layer keeps of past tokens, and how it attends over them."""
+"""KV caches: what each attention layer keeps of past tokens, where those tokens sit, and how it attends over them.
+
+A cache owns positions: attention hands it the new queries, keys and values before RoPE together
+with the layer's RoPE, and the cache rotates them at the positions it chooses. Keys are stored
+after RoPE, contiguous from position 0, in one of two forms: float arrays, or 4/8-bit groups
+(mx.quantize) read through mx.quantized_matmul. The rotating cache bounds the number of tokens by
+evicting the oldest ones after the first `keep` (attention sinks) and re-rotating the keys it keeps
+to contiguous positions, as llama.cpp's context shift does, so positions never exceed its size.
+"""
+
+import json
+from pathlib import Path
 
 import mlx.core as mx
+
+from .errors import QwenMLXError
+
+SUPPORTED_KV_BITS = (4, 8)
 
 
 class KVCache:
     """A growing cache, pre-allocated in steps so that decode does not reallocate every token."""
 
     step = 256
+    max_size: int | None = None  # the growing cache is unbounded
+    keep = evicted = 0  # the rotating cache's kept (sink) tokens and tokens dropped so far
 
-    def __init__(self):
-        self.keys = None
-        self.values = None
+    def __init__(self, bits: int | None = None, group_size: int = 64):
+        if bits is not None and bits not in SUPPORTED_KV_BITS:
+            raise QwenMLXError(f"--kv-bits {bits}: supported KV cache bits are {SUPPORTED_KV_BITS}")
+        self.bits, self.group_size = bits, group_size
+        # Arrays with the token axis at 2: [keys, values], or quantized
+        # [keys, key_scales, key_biases, values, value_scales, value_biases].
+        self.buffers: list[mx.array] | None = None
         self.offset = 0  # tokens held; also the RoPE position of the next token
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        B, n_kv_heads, L, head_dim = keys.shape
-        if self.keys is None or self.offset + L > self.keys.shape[2]:
-            n_steps = (self.offset + L + self.step - 1) // self.step
-            shape = (B, n_kv_heads, n_steps * self.step, head_dim)
-            new_keys, new_values = mx.zeros(shape, keys.dtype), mx.zeros(shape, values.dtype)
-            if self.keys is not None:
-                new_keys[..., : self.offset, :] = self.keys[..., : self.offset, :]
-                new_values[..., : self.offset, :] = self.values[..., : self.offset, :]
-            self.keys, self.values = new_keys, new_values
-        self.keys[..., self.offset : self.offset + L, :] = keys
-        self.values[..., self.offset : self.offset + L, :] = values
+    def attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float, rope) -> mx.array:
+        """Rotate the new tokens at the next positions, store them, attend causally over everything held."""
+        queries, keys = rope(queries, self.offset), rope(keys, self.offset)
+        L = keys.shape[2]
+        self._reserve(self.offset + L, keys)
+        self._write(self.offset, self._encode(keys) + self._encode(values))
         self.offset += L
-        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
-
-    def attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float) -> mx.array:
-        """Store the new keys/values, then attend causally over everything held."""
-        keys, values = self.update_and_fetch(keys, values)
-        mask = "causal" if queries.shape[2] > 1 else None  # aligned to the last key
-        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+        return self._attention(queries, scale)
 
     def trim(self, n: int) -> int:
         """Forget the last n tokens (prompt reuse); returns how many were dropped."""
@@ -40,7 +49,171 @@ class KVCache:
         self.offset -= n
         return n
 
+    @property
+    def state(self) -> list[mx.array]:
+        """The arrays holding the cached tokens (what prefill evaluates, and what is saved)."""
+        return [] if self.buffers is None else [b[..., : self.offset, :] for b in self.buffers]
 
-def make_cache(model) -> list[KVCache]:
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.buffers is None else sum(b.nbytes for b in self.buffers)
+
+    # Storage: float or quantized, behind the same three operations.
+
+    def _encode(self, x: mx.array) -> list[mx.array]:
+        """Keys or values as stored: the array itself, or its (packed, scales, biases)."""
+        return [x] if self.bits is None else list(mx.quantize(x, self.group_size, self.bits))
+
+    def _decoded_keys(self, start: int, end: int) -> mx.array:
+        keys = [b[..., start:end, :] for b in self.buffers[: len(self.buffers) // 2]]
+        if self.bits is None:
+            return keys[0]
+        return mx.dequantize(*keys, group_size=self.group_size, bits=self.bits)
+
+    def _reserve(self, n_tokens: int, like: mx.array) -> None:
+        """Make room for n_tokens, growing in steps (never past max_size)."""
+        capacity = 0 if self.buffers is None else self.buffers[0].shape[2]
+        if n_tokens <= capacity:
+            return
+        new_capacity = -(-n_tokens // self.step) * self.step
+        if self.max_size is not None:
+            new_capacity = min(new_capacity, self.max_size)
+        B, n_kv_heads, _, head_dim = like.shape
+        shape = (B, n_kv_heads, new_capacity, head_dim)
+        blank = self._encode(mx.zeros(shape, like.dtype)) + self._encode(mx.zeros(shape, like.dtype))
+        if self.buffers is not None:
+            for new, old in zip(blank, self.buffers):
+                new[..., : self.offset, :] = old[..., : self.offset, :]
+        self.buffers = blank
+
+    def _write(self, start: int, parts: list[mx.array]) -> None:
+        for buffer, part in zip(self.buffers, parts):
+            buffer[..., start : start + part.shape[2], :] = part
+
+    def _attention(self, queries: mx.array, scale: float) -> mx.array:
+        """Attention of the last L tokens over all offset held; the causal mask is aligned to the last key."""
+        held = self.state
+        mask = "causal" if queries.shape[2] > 1 else None
+        if self.bits is None:
+            return mx.fast.scaled_dot_product_attention(queries, *held, scale=scale, mask=mask)
+        return quantized_attention(queries, held[:3], held[3:], scale, mask, self.group_size, self.bits)
+
+    def describe(self) -> dict:
+        return {"type": type(self).__name__, "offset": self.offset, "bits": self.bits, "group_size": self.group_size}
+
+
+class RotatingKVCache(KVCache):
+    """At most max_size tokens: the first `keep`, then the most recent; evicts a block of the oldest when full.
+
+    Under capacity it is exactly the growing cache. A chunk that crosses the capacity is attended in
+    pieces, each after the eviction single-token decode would have made, so both give the same numbers.
+    """
+
+    def __init__(self, max_size: int, keep: int = 4, bits: int | None = None, group_size: int = 64,
+                 evict: int | None = None):
+        super().__init__(bits, group_size)
+        if max_size <= keep:
+            raise QwenMLXError(f"--max-kv-size {max_size}: must exceed the {keep} kept (sink) tokens")
+        self.max_size, self.keep = max_size, keep
+        # Evicting a quarter of the window at a time pays re-rotation once per that many tokens.
+        self.evict = evict or max(1, (max_size - keep) // 4)
+
+    def attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float, rope) -> mx.array:
+        outputs, start, L = [], 0, keys.shape[2]
+        while start < L:
+            if self.offset == self.max_size:
+                self._evict_oldest(rope)
+            n = min(L - start, self.max_size - self.offset)
+            piece = slice(start, start + n)
+            outputs.append(super().attend(queries[:, :, piece], keys[:, :, piece], values[:, :, piece], scale, rope))
+            start += n
+        return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
+
+    def _evict_oldest(self, rope) -> None:
+        """Drop `evict` tokens after the kept ones; shift the rest down and re-rotate their keys to match."""
+        keep, shift, end = self.keep, self.evict, self.offset
+        for buffer in self.buffers:
+            buffer[..., keep : end - shift, :] = buffer[..., keep + shift : end, :]
+        keys = self._decoded_keys(keep, end - shift)
+        # Rotations compose: every moved key turns back by `shift` positions (one position axis of length 1).
+        rotated = rope(keys.reshape(-1, 1, keys.shape[-1]), -shift).reshape(keys.shape)
+        for buffer, part in zip(self.buffers, self._encode(rotated)):
+            buffer[..., keep : end - shift, :] = part
+        self.offset -= shift
+        self.evicted += shift
+
+    def describe(self) -> dict:
+        return {**super().describe(), "max_size": self.max_size, "keep": self.keep, "evict": self.evict,
+                "evicted": self.evicted}
+
+
+def quantized_attention(queries, keys, values, scale, mask, group_size, bits) -> mx.array:
+    """Scaled dot-product attention over quantized keys/values (mlx-lm's quantized_scaled_dot_product_attention)."""
+    B, n_heads, L, head_dim = queries.shape
+    n_kv_heads = keys[0].shape[1]
+    repeats = n_heads // n_kv_heads
+    queries = (queries * scale).reshape(B, n_kv_heads, repeats, L, head_dim)
+    keys = [mx.expand_dims(k, 2) for k in keys]
+    values = [mx.expand_dims(v, 2) for v in values]
+    scores = mx.quantized_matmul(queries, *keys, transpose=True, group_size=group_size, bits=bits)
+    if mask == "causal":
+        n_keys = scores.shape[-1]
+        visible = mx.arange(n_keys - L, n_keys)[:, None] >= mx.arange(n_keys)[None]
+        scores = mx.where(visible, scores, mx.finfo(scores.dtype).min)
+    weights = mx.softmax(scores, axis=-1, precise=True)
+    out = mx.quantized_matmul(weights, *values, transpose=False, group_size=group_size, bits=bits)
+    return out.reshape(B, n_heads, L, head_dim)
+
+
+def kv_group_size(head_dim: int) -> int:
+    """The largest MLX quantization group (64 or 32) dividing head_dim."""
+    for size in (64, 32):
+        if head_dim % size == 0:
+            return size
+    raise QwenMLXError(f"head_dim {head_dim}: a quantized KV cache needs a multiple of 32")
+
+
+def make_cache(model, max_kv_size: int | None = None, kv_bits: int | None = None,
+               keep: int = 4) -> list[KVCache]:
     """One cache per decoder layer, in the order model(tokens, cache) expects."""
-    return [KVCache() for _ in model.layers]
+    group_size = kv_group_size(model.config.head_dim) if kv_bits else 64
+    if max_kv_size:
+        return [RotatingKVCache(max_kv_size, keep, kv_bits, group_size) for _ in model.layers]
+    return [KVCache(kv_bits, group_size) for _ in model.layers]
+
+
+def save_caches(path: str | Path, caches: list[KVCache], metadata: dict | None = None) -> None:
+    """Write every layer's held tokens to one safetensors file, with how to rebuild the caches in its metadata."""
+    path = Path(path)
+    arrays = {f"{i}.{j}": a for i, cache in enumerate(caches) for j, a in enumerate(cache.state)}
+    header = {"qwenmlx_caches": json.dumps([c.describe() for c in caches]),
+              "qwenmlx_metadata": json.dumps(metadata or {})}
+    tmp = path.with_name(path.name + ".tmp.safetensors")
+    mx.save_safetensors(str(tmp), arrays, metadata=header)
+    tmp.replace(path)
+
+
+def load_caches(path: str | Path) -> tuple[list[KVCache], dict]:
+    """The caches and metadata save_caches wrote."""
+    path = Path(path)
+    if not path.is_file():
+        raise QwenMLXError(f"{path}: no such file")
+    try:
+        arrays, header = mx.load(str(path), return_metadata=True)
+        layers = json.loads(header["qwenmlx_caches"])
+        metadata = json.loads(header["qwenmlx_metadata"])
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise QwenMLXError(f"{path}: not a qwenmlx KV cache file ({e})") from None
+    caches = []
+    for i, d in enumerate(layers):
+        if d["type"] == "RotatingKVCache":
+            cache = RotatingKVCache(d["max_size"], d["keep"], d["bits"], d["group_size"], d["evict"])
+            cache.evicted = d["evicted"]
+        else:
+            cache = KVCache(d["bits"], d["group_size"])
+        n_parts = 2 if d["bits"] is None else 6
+        if d["offset"]:
+            cache.buffers = [arrays[f"{i}.{j}"] for j in range(n_parts)]
+            cache.offset = d["offset"]
+        caches.append(cache)
+    return caches, metadata

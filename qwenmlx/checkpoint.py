@@ -117,21 +117,33 @@ def read_weights(model_dir: Path) -> dict[str, mx.array]:
     return weights
 
 
-def to_mlx_layout(weights: dict[str, mx.array], config: ModelConfig) -> dict[str, mx.array]:
-    """Hugging Face names -> ours (mlx-lm's): experts stacked per layer, tied or unused tensors dropped."""
-    out = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
-    if config.tie_word_embeddings:
-        out.pop("lm_head.weight", None)
+def is_dropped(name: str, config: ModelConfig) -> bool:
+    """Tensors a checkpoint may carry that the model does not use: RoPE tables, a tied lm_head."""
+    return "rotary_emb.inv_freq" in name or (config.tie_word_embeddings and name == "lm_head.weight")
+
+
+def expert_stacks(names, config: ModelConfig) -> dict[str, list[str]]:
+    """{stacked MLX name: the per-expert Hugging Face names it is made of, in expert order}."""
+    names = set(names)
+    stacks = {}
     for layer in range(config.num_hidden_layers):
         prefix = f"model.layers.{layer}.mlp"
-        if f"{prefix}.experts.0.gate_proj.weight" not in out:
+        if f"{prefix}.experts.0.gate_proj.weight" not in names:
             continue
         for proj in ("gate_proj", "up_proj", "down_proj"):
-            names = [f"{prefix}.experts.{e}.{proj}.weight" for e in range(config.num_experts)]
-            missing = [n for n in names if n not in out]
+            parts = [f"{prefix}.experts.{e}.{proj}.weight" for e in range(config.num_experts)]
+            missing = [n for n in parts if n not in names]
             if missing:
                 raise QwenMLXError(f"checkpoint is missing tensor {missing[0]}")
-            out[f"{prefix}.switch_mlp.{proj}.weight"] = mx.stack([out.pop(n) for n in names])
+            stacks[f"{prefix}.switch_mlp.{proj}.weight"] = parts
+    return stacks
+
+
+def to_mlx_layout(weights: dict[str, mx.array], config: ModelConfig) -> dict[str, mx.array]:
+    """Hugging Face names -> ours (mlx-lm's): experts stacked per layer, tied or unused tensors dropped."""
+    out = {k: v for k, v in weights.items() if not is_dropped(k, config)}
+    for stacked, parts in expert_stacks(out, config).items():
+        out[stacked] = mx.stack([out.pop(n) for n in parts])
     return out
 
 

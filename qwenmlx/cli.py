@@ -2,8 +2,6 @@
 
 import functools
 import sys
-from contextlib import nullcontext
-from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -12,7 +10,6 @@ from .errors import QwenMLXError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Run Qwen3 and Qwen3-MoE models locally with MLX: chat, summarize, convert, quantize.")
-DEFAULT_MODEL = "Qwen/Qwen3-30B-A3B"
 console = Console()
 stderr = Console(stderr=True)
 DEBUG = False
@@ -60,6 +57,246 @@ def info(model: str = typer.Argument(..., help="Model directory or Hugging Face 
     for key, value in facts.items():
         table.add_row(f"[bold]{key}[/bold]", str(value))
     console.print(table)
+
+
+# --- generation: `generate` and `chat` ---
+
+DEFAULT_MODEL = "Qwen/Qwen3-30B-A3B"
+
+
+def load_for_generation(model: str):
+    """(model, tokenizer); the default model only from the local Hugging Face cache, never a silent 60 GB download."""
+    from pathlib import Path
+
+    from .checkpoint import load
+
+    if model == DEFAULT_MODEL and not Path(model).exists():
+        from huggingface_hub import snapshot_download
+
+        try:
+            model = snapshot_download(model, local_files_only=True)
+        except Exception:
+            raise QwenMLXError(
+                f"{DEFAULT_MODEL} is not in the local Hugging Face cache: download it with "
+                f"`huggingface-cli download {DEFAULT_MODEL}` (about 61 GB), or convert it to MLX with "
+                "`qwenmlx convert`, and pass --model DIR"
+            ) from None
+    return load(model)
+
+
+def sampling_options(temp, top_p, top_k, min_p, presence_penalty, repetition_penalty, seed) -> dict:
+    return dict(temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p, presence_penalty=presence_penalty,
+                repetition_penalty=repetition_penalty, seed=seed)
+
+
+MODEL_OPTION = typer.Option(DEFAULT_MODEL, "--model", "-m", help="MLX or Hugging Face model directory, or a Hub id.")
+TEMP_OPTION = typer.Option(None, "--temp", help="Temperature; 0 is greedy. Default: Qwen's guidance for the mode.")
+TOP_P_OPTION = typer.Option(None, "--top-p")
+TOP_K_OPTION = typer.Option(None, "--top-k")
+MIN_P_OPTION = typer.Option(None, "--min-p")
+PRESENCE_OPTION = typer.Option(None, "--presence-penalty")
+REPETITION_OPTION = typer.Option(None, "--repetition-penalty")
+SEED_OPTION = typer.Option(None, "--seed")
+BUDGET_OPTION = typer.Option(None, "--thinking-budget", help="Close the thought after this many tokens.")
+PREFILL_OPTION = typer.Option(None, "--prefill-step", help="Prompt tokens per prefill chunk (default: from free memory).")
+
+
+@app.command()
+@user_errors
+def generate(prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt, or - to read it from stdin."),
+             model: str = MODEL_OPTION,
+             max_tokens: int = typer.Option(512, "--max-tokens"),
+             think: bool = typer.Option(False, "--think/--no-think", help="Let the model think first."),
+             system: str = typer.Option(None, "--system", help="System prompt."),
+             temp: float = TEMP_OPTION, top_p: float = TOP_P_OPTION, top_k: int = TOP_K_OPTION,
+             min_p: float = MIN_P_OPTION, presence_penalty: float = PRESENCE_OPTION,
+             repetition_penalty: float = REPETITION_OPTION, seed: int = SEED_OPTION,
+             thinking_budget: int = BUDGET_OPTION, prefill_step: int = PREFILL_OPTION,
+             json_output: bool = typer.Option(False, "--json", help="Print JSON with the text, token counts, speeds.")):
+    """One answer to one prompt, for scripts: the text on stdout (or JSON)."""
+    import json
+
+    from .generate import default_sampling, stream_generate
+
+    text = sys.stdin.read() if prompt == "-" else prompt
+    llm, tokenizer = load_for_generation(model)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    tokens = tokenizer.apply_chat_template(messages, enable_thinking=think, tokenize=True)
+    sampling = default_sampling(think, tokenizer.generation_config, **sampling_options(
+        temp, top_p, top_k, min_p, presence_penalty, repetition_penalty, seed))
+    pieces, stats = [], None
+    for step in stream_generate(llm, tokenizer, tokens, sampling=sampling, max_tokens=max_tokens,
+                                thinking_budget=thinking_budget, prefill_step=prefill_step):
+        stats = step.stats
+        pieces.append(step.text)
+        if not json_output:
+            sys.stdout.write(step.text)
+            sys.stdout.flush()
+    if json_output:
+        print(json.dumps({"text": "".join(pieces), **stats.to_dict()}, indent=2))
+    else:
+        sys.stdout.write("\n")
+
+CHECK_PROMPT = "Explain in two sentences why the sky is blue."
+
+
+def _write_with_progress(plan, dst: str, force: bool, quiet: bool):
+    """Run the planned conversion under a rich progress bar over the bytes written (on stderr)."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    from .convert import write_model
+
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=stderr, disable=quiet) as progress:
+        task = progress.add_task(f"writing {len(plan.steps)} tensors", total=plan.total_bytes)
+        return write_model(plan, dst, force=force, on_progress=lambda n: progress.advance(task, n))
+
+
+def _kinds_table(title: str, kinds: list[dict]):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("module kind", "quantization", "bits/weight", "size (MB)", "rel. error ‖W−Q(W)‖/‖W‖"):
+        table.add_column(column, justify="left" if column in ("module kind", "quantization") else "right")
+    for k in kinds:
+        error = k["relative_error"]
+        table.add_row(k["kind"], k["quantization"], f"{k['bits_per_weight']:.3f}", f"{k['bytes'] / 1e6:.1f}",
+                      "—" if error is None else f"{error:.4f}")
+    return table
+
+
+def _print_plan(facts: dict) -> None:
+    from rich.table import Table
+
+    console.print(_kinds_table(f"plan: recipe {facts['recipe']}", facts["kinds"]))
+    table = Table(show_header=False, box=None)
+    for label, key in (("size on disk (GB)", "size_on_disk_gb"), ("bits per weight", "bits_per_weight"),
+                       ("KV cache bf16 (GB)", "kv_cache_gb"), ("KV cache 8-bit (GB)", "kv_cache_8bit_gb"),
+                       ("memory, bf16 KV cache (GB)", "memory_gb"),
+                       ("memory, 8-bit KV cache (GB)", "memory_8bit_kv_gb")):
+        table.add_row(f"[bold]{label}[/bold]", str(facts[key]))
+    console.print(f"at a context of {facts['context']} tokens:")
+    console.print(table)
+
+
+def _print_report(report: dict) -> None:
+    console.print(_kinds_table(f"{report['dst']} (recipe {report['recipe']})", report["kinds"]))
+    console.print(f"[bold]{report['size_gb']} GB[/bold] on disk in {report['shards']} shard(s), "
+                  f"[bold]{report['bits_per_weight']}[/bold] bits per weight, {report['tensors']} tensors, "
+                  f"{report['seconds']} s")
+    if "check" in report:
+        c = report["check"]
+        console.print(f"check on a {c['tokens']}-token prompt: max |Δlogit| {c['max_abs_logit_diff']:.4f}, "
+                      f"KL {c['kl_divergence']:.5f}, top-1 agreement {c['top1_agreement']:.1%}")
+
+
+def _convert(src, dst, recipe, *, dtype, plan_only, context, force, dequantize, check, prompt, json_output):
+    """What `convert` and `quantize` share: plan, then write (or print the plan), summary, optional --check."""
+    import json
+
+    from .convert import OUTPUT_DTYPES, memory_plan, plan_conversion
+
+    if dtype not in OUTPUT_DTYPES:
+        raise QwenMLXError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
+    plan = plan_conversion(src, recipe, OUTPUT_DTYPES[dtype], dequantize=dequantize)
+    if plan_only:
+        facts = memory_plan(plan, context)
+        print(json.dumps(facts, indent=2)) if json_output else _print_plan(facts)
+        return
+    report = _write_with_progress(plan, dst, force, quiet=json_output).as_dict()
+    if check:
+        from .fidelity import compare_models
+        from .tokenizer import Tokenizer
+
+        tokens = Tokenizer.from_dir(report["dst"]).encode(prompt)
+        report["check"] = compare_models(plan.src, report["dst"], tokens)
+    print(json.dumps(report, indent=2)) if json_output else _print_report(report)
+
+
+@app.command()
+@user_errors
+def chat(model: str = MODEL_OPTION,
+         max_kv_size: int = typer.Option(None, "--max-kv-size",
+                                         help="Bound the KV cache to N tokens (rotating; keeps the first 4)."),
+         kv_bits: int = typer.Option(None, "--kv-bits", help="Quantize the KV cache to 8 or 4 bits."),
+         think: bool = typer.Option(True, "--think/--no-think", help="Thinking mode at the start."),
+         system: str = typer.Option(None, "--system", help="System prompt."),
+         max_tokens: int = typer.Option(8192, "--max-tokens", help="Longest answer, in tokens."),
+         hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not show the <think> part."),
+         plain: bool = typer.Option(False, "--plain", help="Plain streamed text: no live view, no Markdown."),
+         temp: float = TEMP_OPTION, top_p: float = TOP_P_OPTION, top_k: int = TOP_K_OPTION,
+         min_p: float = MIN_P_OPTION, presence_penalty: float = PRESENCE_OPTION,
+         repetition_penalty: float = REPETITION_OPTION, seed: int = SEED_OPTION,
+         thinking_budget: int = BUDGET_OPTION, prefill_step: int = PREFILL_OPTION):
+    """Chat in the terminal, with thinking, prompt reuse across turns and /commands (/help)."""
+    from .chat import ChatSession
+    from .chat_terminal import ChatTerminal
+
+    with console.status(f"loading {model}"):
+        llm, tokenizer = load_for_generation(model)
+    session = ChatSession(llm, tokenizer, system=system, thinking=think, max_kv_size=max_kv_size, kv_bits=kv_bits,
+                          max_tokens=max_tokens, thinking_budget=thinking_budget, prefill_step=prefill_step,
+                          **sampling_options(temp, top_p, top_k, min_p, presence_penalty, repetition_penalty, seed))
+    ChatTerminal(session, console, plain=plain, hide_thinking=hide_thinking).run()
+
+def convert(
+    src: str = typer.Argument(..., help="Hugging Face checkpoint directory or Hub repo id."),
+    dst: str = typer.Argument(..., help="New MLX model directory to write."),
+    recipe: str = typer.Option(None, "--recipe", help="Quantization recipe: a built-in name or a .toml file."),
+    bits: int = typer.Option(None, "--bits", help="Uniform quantization at 4, 6 or 8 bits (the recipe qN)."),
+    group_size: int = typer.Option(64, "--group-size", help="Group size of affine quantization: 32, 64 or 128."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="Float dtype of what stays unquantized (and scales)."),
+    plan: bool = typer.Option(False, "--plan", help="Write nothing; print the size and the memory needed."),
+    context: int = typer.Option(32768, "--context", help="Context length the --plan memory figures assume."),
+    force: bool = typer.Option(False, "--force", help="Replace DST if it exists and is not empty."),
+    dequantize: bool = typer.Option(False, "--dequantize", help="Dequantize an already-quantized SRC first."),
+    check: bool = typer.Option(False, "--check", help="Compare the logits of SRC and DST on a prompt."),
+    prompt: str = typer.Option(CHECK_PROMPT, "--prompt", help="Prompt that --check runs."),
+    json_output: bool = typer.Option(False, "--json", help="Print JSON instead of tables; no progress bar."),
+):
+    """Convert a Hugging Face checkpoint (bf16/fp16/fp32 or FP8) to MLX, quantized per a recipe or not at all."""
+    from quantize import recipe_from_options
+
+    _convert(src, dst, recipe_from_options(recipe, bits, group_size), dtype=dtype, plan_only=plan,
+             context=context, force=force, dequantize=dequantize, check=check, prompt=prompt,
+             json_output=json_output)
+
+
+@app.command()
+@user_errors
+def quantize(
+    src: str = typer.Argument(..., help="Unquantized MLX or Hugging Face model directory (or Hub repo id)."),
+    dst: str = typer.Argument(..., help="New quantized MLX model directory to write."),
+    recipe: str = typer.Option(..., "--recipe", help="Quantization recipe: a built-in name or a .toml file."),
+    group_size: int = typer.Option(64, "--group-size", help="Group size of affine quantization: 32, 64 or 128."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="Float dtype of what stays unquantized (and scales)."),
+    force: bool = typer.Option(False, "--force", help="Replace DST if it exists and is not empty."),
+    dequantize: bool = typer.Option(False, "--dequantize",
+                                    help="Accept an already-quantized SRC: dequantize it first (errors compound)."),
+    check: bool = typer.Option(False, "--check", help="Compare the logits of SRC and DST on a prompt."),
+    prompt: str = typer.Option(CHECK_PROMPT, "--prompt", help="Prompt that --check runs."),
+    json_output: bool = typer.Option(False, "--json", help="Print JSON instead of tables; no progress bar."),
+):
+    """Quantize an unquantized model per a recipe (same streaming and atomic writing as convert)."""
+    from quantize import get_recipe
+
+    if dequantize:
+        stderr.print("[yellow]warning:[/yellow] dequantizing a quantized model and quantizing it again adds "
+                     "the new rounding error to the old one")
+    _convert(src, dst, get_recipe(recipe, group_size), dtype=dtype, plan_only=False, context=0, force=force,
+             dequantize=dequantize, check=check, prompt=prompt, json_output=json_output)
+
+
+# --- summarize ---
 
 
 class SummaryBars:
@@ -135,7 +372,7 @@ def _closing_line(summary) -> str:
     )
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def _write_atomically(path, text: str) -> None:
     """Write to a temporary file beside `path`, then rename it into place: never a half-written file."""
     import os
     import tempfile
@@ -153,7 +390,7 @@ def _write_atomically(path: Path, text: str) -> None:
 @user_errors
 def summarize(
     file: str = typer.Argument(..., help="File to summarise (text, Markdown, code, JSON, CSV, HTML, PDF), or - for stdin."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model directory or Hugging Face repo id."),
+    model: str = MODEL_OPTION,
     max_tokens: int = typer.Option(1024, "--max-tokens", help="Longest summary, in tokens."),
     style: str = typer.Option("brief", "--style", help="brief, detailed or bullets."),
     lang: str = typer.Option("auto", "--lang", help="Language of the summary: auto (the document's), en, zh, ..."),
@@ -163,8 +400,9 @@ def summarize(
 ):
     """Summarise a file of any length: in one pass, with YaRN when needed, or in parts (map-reduce)."""
     import json
+    from contextlib import nullcontext
+    from pathlib import Path
 
-    from .checkpoint import load
     from .documents import read_document
     from .summarize import SummaryOptions
     from .summarize import summarize as summarize_document
@@ -178,10 +416,10 @@ def summarize(
     if document.note and not json_output:
         stderr.print(f"[yellow]note:[/yellow] {document.note}", highlight=False)
     with stderr.status(f"loading {model}", spinner="dots") if not json_output else nullcontext():
-        loaded_model, tokenizer = load(model)
+        llm, tokenizer = load_for_generation(model)
     progress = None if json_output else SummaryBars()
     try:
-        summary = summarize_document(loaded_model, tokenizer, document, options, progress=progress)
+        summary = summarize_document(llm, tokenizer, document, options, progress=progress)
     finally:
         if progress is not None and not progress.streaming:
             progress.close()

@@ -43,8 +43,7 @@ class Attention(nn.Module):
             mask = "causal" if L > 1 else None
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         else:
-            q, k = self.rope(q, cache.offset), self.rope(k, cache.offset)
-            out = cache.attend(q, k, v, self.scale)
+            out = cache.attend(q, k, v, self.scale, self.rope)  # the cache picks the positions
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 

@@ -83,3 +83,46 @@ MODEL_VARIANTS = {
     "dense": TINY_DENSE,
     "dense-tied": dict(TINY_DENSE, tie_word_embeddings=True, num_key_value_heads=1),
 }
+
+
+def fp8_quantize_blockwise(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen's -FP8 layout: float8_e4m3fn values and a float32 `weight_scale_inv` per block (w ≈ fp8 * scale)."""
+    rows, cols = block
+    out_dims, in_dims = w.shape
+    n_rows, n_cols = -(-out_dims // rows), -(-in_dims // cols)
+    padded = torch.zeros(n_rows * rows, n_cols * cols)
+    padded[:out_dims, :in_dims] = w.float()
+    tiles = padded.reshape(n_rows, rows, n_cols, cols)
+    scale = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+    values = (tiles / scale[:, None, :, None]).reshape(n_rows * rows, n_cols * cols)[:out_dims, :in_dims]
+    return values.to(torch.float8_e4m3fn), scale
+
+
+def fp8_dequantize_blockwise(values: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    rows, cols = block
+    expanded = scale.repeat_interleave(rows, 0).repeat_interleave(cols, 1)
+    return values.float() * expanded[: values.shape[0], : values.shape[1]]
+
+
+def write_fp8_checkpoint(dst: Path, config_kwargs: dict, block: tuple[int, int], seed: int = 0) -> Path:
+    """A checkpoint in the layout of Qwen's -FP8 repos: every projection of the decoder layers in FP8."""
+    import json
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    write_hf_checkpoint(dst, config_kwargs, dtype=torch.bfloat16, seed=seed)
+    index = dst / "model.safetensors.index.json"
+    tensors = {}
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        tensors.update(load_file(dst / shard))
+        (dst / shard).unlink()
+    index.unlink()
+    for name in [n for n in tensors if re.search(r"layers\.\d+\..*_proj\.weight$", n)]:
+        tensors[name], tensors[f"{name}_scale_inv"] = fp8_quantize_blockwise(tensors[name], block)
+    save_file(tensors, dst / "model.safetensors")
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": list(block)}
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    return dst

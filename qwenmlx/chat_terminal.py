@@ -1,0 +1,159 @@
+"""The terminal chat (the CLI's `chat` command): read a message, stream the answer with rich, handle /commands.
+
+All conversation logic lives in chat.ChatSession; this module only reads, prints and dispatches.
+"""
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.markdown import Markdown
+from rich.table import Table
+from rich.text import Text
+
+from .chat import ChatSession
+from .errors import QwenMLXError
+
+HELP = """\
+Type a message and press Enter. End a line with \\ to continue it, or wrap several lines in \"\"\".
+  /think, /no_think   switch thinking on or off for the next answers (Qwen3's soft switches)
+  /hide_thinking      hide or show the <think> part while it streams
+  /system TEXT        set the system prompt (empty: none)
+  /reset              forget the conversation
+  /save FILE          save the history (JSON) and the KV cache (FILE.kv.safetensors)
+  /load FILE          load a saved chat
+  /stats              figures of the last answer and the context
+  /help, /exit        this text; leave (Ctrl-D also leaves; Ctrl-C stops an answer)"""
+
+
+CONTINUATION = Text("... ", style="dim")
+
+
+class ChatTerminal:
+    def __init__(self, session: ChatSession, console: Console, *, plain: bool = False, hide_thinking: bool = False):
+        self.session, self.console, self.plain, self.hide_thinking = session, console, plain, hide_thinking
+
+    def run(self) -> None:
+        self.console.print(f"[bold]qwenmlx chat[/bold] · thinking {'on' if self.session.thinking else 'off'} · "
+                           "/help for commands, Ctrl-D to leave", highlight=False)
+        while True:
+            try:
+                text = self.read_message()
+            except EOFError:
+                self.console.print()
+                return
+            except KeyboardInterrupt:
+                self.console.print("\n[dim](Ctrl-D or /exit to leave)[/dim]")
+                continue
+            if not text.strip():
+                continue
+            if text.startswith("/"):
+                if self.command(text.strip()) == "exit":
+                    return
+                continue
+            self.answer(text)
+
+    def read_message(self) -> str:
+        """One message: a line, lines continued with a trailing backslash, or a block between triple quotes."""
+        line = self.console.input("[bold green]>>> [/bold green]")
+        if line.strip() == '"""':
+            lines = []
+            while (line := self.console.input(CONTINUATION)).strip() != '"""':
+                lines.append(line)
+            return "\n".join(lines)
+        lines = [line]
+        while lines[-1].endswith("\\"):
+            lines[-1] = lines[-1][:-1]
+            lines.append(self.console.input(CONTINUATION))
+        return "\n".join(lines)
+
+    def answer(self, text: str) -> None:
+        thinking, answer = Text(style="dim"), Text()
+        live = None if self.plain else Live(Group(thinking, answer), console=self.console,
+                                            refresh_per_second=8, vertical_overflow="visible")
+        steps = self.session.reply(text)
+        try:
+            if live:
+                live.start()
+            for step in steps:
+                if step.thinking and self.hide_thinking:
+                    continue
+                if self.plain:
+                    self.console.out(step.text, end="", style="dim" if step.thinking else None, highlight=False)
+                else:
+                    (thinking if step.thinking else answer).append(step.text)
+            if live:
+                live.update(Group(thinking, Markdown(answer.plain)))
+        except KeyboardInterrupt:
+            steps.close()
+        finally:
+            if live:
+                live.stop()
+        if self.plain:
+            self.console.out("")
+        self.status_line()
+
+    def status_line(self) -> None:
+        turn, s = self.session.last_turn, self.session.last_turn.stats
+        parts = [f"{s.generated_tokens} tokens", f"{s.decode_tps:.1f} tok/s",
+                 f"prefill {turn.prefilled_tokens} at {s.prefill_tps:.0f} tok/s",
+                 f"context {self.session.context_used}/{self.session.window}"]
+        if turn.interrupted:
+            parts.insert(0, "interrupted")
+        if turn.dropped_turns:
+            parts.append(f"dropped the {turn.dropped_turns} oldest exchange(s) to fit the window (system prompt kept)")
+        if turn.evicted_tokens:
+            parts.append(f"window full: the KV cache evicted {turn.evicted_tokens} oldest tokens "
+                         f"(kept the first {self.session.cache[0].keep})")
+        self.console.print(f"[dim]{' · '.join(parts)}[/dim]", highlight=False)
+
+    def command(self, line: str) -> str | None:
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        session = self.session
+        if name in ("/exit", "/quit"):
+            return "exit"
+        if name in ("/think", "/no_think"):
+            session.thinking = name == "/think"
+            self.console.print(f"thinking {'on' if session.thinking else 'off'}")
+        elif name == "/hide_thinking":
+            self.hide_thinking = not self.hide_thinking
+            self.console.print(f"thinking {'hidden' if self.hide_thinking else 'shown'} while streaming")
+        elif name == "/system":
+            session.set_system(arg)
+            self.console.print(f"system prompt {'set' if arg else 'cleared'}")
+        elif name == "/reset":
+            session.reset()
+            self.console.print("conversation reset")
+        elif name in ("/save", "/load") and not arg:
+            self.console.print(f"[red]usage:[/red] {name} FILE")
+        elif name in ("/save", "/load"):
+            try:
+                if name == "/save":
+                    self.console.print(f"saved {len(session.messages)} messages to {session.save(arg)}",
+                                       highlight=False)
+                else:
+                    session.load(arg)
+                    self.console.print(f"loaded {len(session.messages)} messages "
+                                       f"({session.context_used} tokens of cache) from {arg}", highlight=False)
+            except QwenMLXError as e:
+                self.console.print(f"[red]error:[/red] {e}", highlight=False)
+        elif name == "/stats":
+            self.stats()
+        elif name == "/help":
+            self.console.print(HELP, highlight=False, markup=False)
+        else:
+            self.console.print(f"unknown command {name}; /help lists them", highlight=False)
+        return None
+
+    def stats(self) -> None:
+        session, table = self.session, Table(show_header=False, box=None)
+        table.add_row("messages", str(len(session.messages)))
+        table.add_row("context", f"{session.context_used} / {session.window} tokens")
+        table.add_row("KV cache", f"{session.cache[0].describe()['type']}, "
+                      f"{sum(c.nbytes for c in session.cache) / 1e6:.1f} MB, bits {session.cache[0].bits or 'float'}")
+        if session.last_turn:
+            turn, s = session.last_turn, session.last_turn.stats
+            table.add_row("last prompt", f"{turn.reused_tokens} reused + {turn.prefilled_tokens} prefilled tokens")
+            table.add_row("prefill", f"{s.prefill_tps:.1f} tok/s")
+            table.add_row("decode", f"{s.generated_tokens} tokens at {s.decode_tps:.1f} tok/s")
+            table.add_row("peak memory", f"{s.peak_memory_gb:.2f} GB")
+        self.console.print(table)
