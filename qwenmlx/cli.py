@@ -248,6 +248,9 @@ def chat(model: str = MODEL_OPTION,
                           **sampling_options(temp, top_p, top_k, min_p, presence_penalty, repetition_penalty, seed))
     ChatTerminal(session, console, plain=plain, hide_thinking=hide_thinking).run()
 
+
+@app.command()
+@user_errors
 def convert(
     src: str = typer.Argument(..., help="Hugging Face checkpoint directory or Hub repo id."),
     dst: str = typer.Argument(..., help="New MLX model directory to write."),
