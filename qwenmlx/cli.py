@@ -364,14 +364,16 @@ class SummaryBars:
 def _closing_line(summary) -> str:
     """Strategy, YaRN factor, token counts and timings in one line."""
     s, final = summary.seconds, summary.final_stats
-    parts = f", {len(summary.parts)} parts in {len(summary.plans) - 1} level(s)" if summary.parts else ""
+    if summary.parts:
+        strategy = f"map-reduce: {len(summary.parts)} parts in {len(summary.plans) - 1} level(s), then one pass"
+    else:
+        strategy = "single pass"
     yarn = f"YaRN factor {summary.yarn_factor}" if summary.yarn_factor else "no YaRN"
     return (
-        f"{summary.strategy}{parts} · {yarn} · {summary.document_tokens:,} document tokens · "
-        f"final prompt {final.prompt_tokens:,} · {summary.generated_tokens:,} generated · "
-        f"tokenise {s['tokenize']:.2f} s · prefill {s['prefill']:.2f} s ({final.prefill_tps:,.0f} tok/s) · "
-        f"decode {s['decode']:.2f} s ({final.decode_tps:,.1f} tok/s) · total {s['total']:.2f} s · "
-        f"peak {summary.peak_memory_gb:.2f} GB"
+        f"{strategy} · {yarn} · {summary.document_tokens:,} document tokens · final prompt {final.prompt_tokens:,} · "
+        f"{summary.generated_tokens:,} generated · tokenise {s['tokenize']:.2f} s · prefill {s['prefill']:.2f} s · "
+        f"decode {s['decode']:.2f} s · total {s['total']:.2f} s · final pass {final.prefill_tps:,.0f} tok/s prefill, "
+        f"{final.decode_tps:,.1f} tok/s decode · peak {summary.peak_memory_gb:.2f} GB"
     )
 
 

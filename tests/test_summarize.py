@@ -5,7 +5,6 @@ import re
 
 import mlx.core as mx
 import pytest
-from qwenmlx.generate import QWEN_SAMPLING, Stats, Step
 from typer.testing import CliRunner
 
 import qwenmlx.summarize as summarize_module
@@ -13,6 +12,7 @@ from qwenmlx.checkpoint import load
 from qwenmlx.cli import app
 from qwenmlx.documents import read_document
 from qwenmlx.errors import QwenMLXError
+from qwenmlx.generate import QWEN_SAMPLING, Stats, Step
 from qwenmlx.rope import RoPE
 from qwenmlx.strategy import MAP_REDUCE, SINGLE_PASS, YARN, limits_for, yarn_scaling
 from qwenmlx.summarize import (
