@@ -100,7 +100,6 @@ SEED_OPTION = typer.Option(None, "--seed")
 BUDGET_OPTION = typer.Option(None, "--thinking-budget", help="Close the thought after this many tokens.")
 PREFILL_OPTION = typer.Option(None, "--prefill-step", help="Prompt tokens per prefill chunk (default: from free memory).")
 
-
 @app.command()
 @user_errors
 def generate(prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt, or - to read it from stdin."),
@@ -136,6 +135,34 @@ def generate(prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt,
         print(json.dumps({"text": "".join(pieces), **stats.to_dict()}, indent=2))
     else:
         sys.stdout.write("\n")
+
+
+@app.command()
+@user_errors
+def chat(model: str = MODEL_OPTION,
+         max_kv_size: int = typer.Option(None, "--max-kv-size",
+                                         help="Bound the KV cache to N tokens (rotating; keeps the first 4)."),
+         kv_bits: int = typer.Option(None, "--kv-bits", help="Quantize the KV cache to 8 or 4 bits."),
+         think: bool = typer.Option(True, "--think/--no-think", help="Thinking mode at the start."),
+         system: str = typer.Option(None, "--system", help="System prompt."),
+         max_tokens: int = typer.Option(8192, "--max-tokens", help="Longest answer, in tokens."),
+         hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not show the <think> part."),
+         plain: bool = typer.Option(False, "--plain", help="Plain streamed text: no live view, no Markdown."),
+         temp: float = TEMP_OPTION, top_p: float = TOP_P_OPTION, top_k: int = TOP_K_OPTION,
+         min_p: float = MIN_P_OPTION, presence_penalty: float = PRESENCE_OPTION,
+         repetition_penalty: float = REPETITION_OPTION, seed: int = SEED_OPTION,
+         thinking_budget: int = BUDGET_OPTION, prefill_step: int = PREFILL_OPTION):
+    """Chat in the terminal, with thinking, prompt reuse across turns and /commands (/help)."""
+    from .chat import ChatSession
+    from .chat_terminal import ChatTerminal
+
+    with console.status(f"loading {model}"):
+        llm, tokenizer = load_for_generation(model)
+    session = ChatSession(llm, tokenizer, system=system, thinking=think, max_kv_size=max_kv_size, kv_bits=kv_bits,
+                          max_tokens=max_tokens, thinking_budget=thinking_budget, prefill_step=prefill_step,
+                          **sampling_options(temp, top_p, top_k, min_p, presence_penalty, repetition_penalty, seed))
+    ChatTerminal(session, console, plain=plain, hide_thinking=hide_thinking).run()
+
 
 CHECK_PROMPT = "Explain in two sentences why the sky is blue."
 
@@ -220,33 +247,6 @@ def _convert(src, dst, recipe, *, dtype, plan_only, context, force, dequantize, 
         tokens = Tokenizer.from_dir(report["dst"]).encode(prompt)
         report["check"] = compare_models(plan.src, report["dst"], tokens)
     print(json.dumps(report, indent=2)) if json_output else _print_report(report)
-
-
-@app.command()
-@user_errors
-def chat(model: str = MODEL_OPTION,
-         max_kv_size: int = typer.Option(None, "--max-kv-size",
-                                         help="Bound the KV cache to N tokens (rotating; keeps the first 4)."),
-         kv_bits: int = typer.Option(None, "--kv-bits", help="Quantize the KV cache to 8 or 4 bits."),
-         think: bool = typer.Option(True, "--think/--no-think", help="Thinking mode at the start."),
-         system: str = typer.Option(None, "--system", help="System prompt."),
-         max_tokens: int = typer.Option(8192, "--max-tokens", help="Longest answer, in tokens."),
-         hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not show the <think> part."),
-         plain: bool = typer.Option(False, "--plain", help="Plain streamed text: no live view, no Markdown."),
-         temp: float = TEMP_OPTION, top_p: float = TOP_P_OPTION, top_k: int = TOP_K_OPTION,
-         min_p: float = MIN_P_OPTION, presence_penalty: float = PRESENCE_OPTION,
-         repetition_penalty: float = REPETITION_OPTION, seed: int = SEED_OPTION,
-         thinking_budget: int = BUDGET_OPTION, prefill_step: int = PREFILL_OPTION):
-    """Chat in the terminal, with thinking, prompt reuse across turns and /commands (/help)."""
-    from .chat import ChatSession
-    from .chat_terminal import ChatTerminal
-
-    with console.status(f"loading {model}"):
-        llm, tokenizer = load_for_generation(model)
-    session = ChatSession(llm, tokenizer, system=system, thinking=think, max_kv_size=max_kv_size, kv_bits=kv_bits,
-                          max_tokens=max_tokens, thinking_budget=thinking_budget, prefill_step=prefill_step,
-                          **sampling_options(temp, top_p, top_k, min_p, presence_penalty, repetition_penalty, seed))
-    ChatTerminal(session, console, plain=plain, hide_thinking=hide_thinking).run()
 
 
 @app.command()

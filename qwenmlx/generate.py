@@ -26,7 +26,7 @@ DEFAULT_MAX_PREFILL_STEP = 2048
 MIN_PREFILL_STEP = 128
 
 
-@dataclass
+@dataclass(frozen=True)
 class Sampling:
     """How the next token is chosen; temperature 0 is greedy. Penalties look at the tokens generated so far."""
 
@@ -44,6 +44,9 @@ QWEN_SAMPLING = {
     True: Sampling(temperature=0.6, top_p=0.95, top_k=20, min_p=0.0),
     False: Sampling(temperature=0.7, top_p=0.8, top_k=20, min_p=0.0),
 }
+
+
+GREEDY = Sampling()
 
 
 def default_sampling(thinking: bool, generation_config: dict | None = None, **overrides) -> Sampling:
@@ -207,7 +210,7 @@ class Thought:
 
 
 def generate_tokens(
-    model, prompt_tokens: list[int], *, cache: list | None = None, sampling: Sampling = Sampling(),
+    model, prompt_tokens: list[int], *, cache: list | None = None, sampling: Sampling = GREEDY,
     max_tokens: int = 256, stop_ids: Iterable[int] = (), thinking_budget: int | None = None,
     budget_tokens: list[int] = (), think_ids: tuple = (None, None), prefill_step: int | None = None,
     on_prefill_progress: Callable[[int, int], None] | None = None, stats: Stats | None = None,
