@@ -315,7 +315,7 @@ class SummaryBars:
         self.streaming = False
         self.bars.start()
 
-    def _show(self, name: str, description: str, completed: int, total: int, rate: str = "") -> None:
+    def _show(self, name: str, description: str, completed: int, total: int | None, rate: str = "") -> None:
         if name not in self.tasks:
             self.tasks[name] = self.bars.add_task(description, total=total, rate=rate)
         self.bars.update(self.tasks[name], description=description, completed=completed, total=total, rate=rate)
@@ -345,7 +345,7 @@ class SummaryBars:
         self._show("prefill", "prefill (tokens)", done, total, f"{rate:,.0f} tok/s")
 
     def thinking(self, n_tokens: int) -> None:
-        self._show("thinking", "thinking (tokens, not in the summary)", n_tokens, 0)
+        self._show("thinking", "thinking (tokens, not in the summary)", n_tokens, None)
 
     def answer(self, text: str) -> None:
         if not self.streaming:

@@ -48,6 +48,7 @@ TOKENIZE_PIECE_CHARS = 32_768
 # tokenizer spans one, so the pieces' ids join up to exactly the whole text's ids.
 TOKENIZE_CUTS = re.compile(r"\n(?=\S)")
 SPLIT_MARGIN = 0.98  # part sizes are summed piece by piece; keep a little room for the difference
+PART_SUMMARY_SHARE = 8  # a part's summary gets at most this fraction (1/8) of the native window
 
 
 def detect_language(text: str) -> str | None:
@@ -252,7 +253,7 @@ class Summarizer:
 
     def map_parts(self, text: str, level: int) -> list[str]:
         """Split text to fit one generation per part (native window, memory) and summarise the parts in order."""
-        answer_tokens = min(self.options.max_tokens, self.limits.native_context // 8)
+        answer_tokens = min(self.options.max_tokens, self.limits.native_context // PART_SUMMARY_SHARE)
         part_context = min(self.limits.native_context, self.limits.longest_context())
         # The prompt around a part, with part numbers as wide as they will plausibly get.
         overhead = len(self.tokenizer.encode(self.prompt(self.part_instructions(999, 999, level > 0), "")))
@@ -269,7 +270,7 @@ class Summarizer:
             instructions = self.part_instructions(index, len(pieces), level > 0)
             prompt = self.tokenizer.encode(self.prompt(instructions, piece.strip()))
             plan = choose_strategy(len(prompt), self.reserved(answer_tokens), self.limits)
-            assert plan.strategy != MAP_REDUCE and not plan.yarn_factor, f"part {index} was cut to fit: {plan}"
+            assert plan.strategy != MAP_REDUCE and not plan.yarn_factor, f"part {index} should fit one native pass: {plan}"
             summaries.append(self.generate(prompt, plan, answer_tokens, final=False))
             self.parts.append(PartSummary(level, index, start, start + len(piece), len(prompt), summaries[-1]))
             start += len(piece)
@@ -277,13 +278,13 @@ class Summarizer:
 
     def generate(self, prompt: list[int], plan: Plan, answer_tokens: int, final: bool) -> str:
         """One generation under the plan's YaRN factor and KV cache; only the final one streams its answer."""
-        steps = stream_generate(
-            self.model, self.tokenizer, prompt, cache=make_cache(self.model, kv_bits=plan.kv_bits),
-            sampling=self.sampling, max_tokens=plan.answer_tokens,
-            thinking_budget=answer_tokens if self.options.think else None,
-            on_prefill_progress=self.progress.prefill,
-        )
         with rope_for(self.model, plan):
+            steps = stream_generate(
+                self.model, self.tokenizer, prompt, cache=make_cache(self.model, kv_bits=plan.kv_bits),
+                sampling=self.sampling, max_tokens=plan.answer_tokens,
+                thinking_budget=answer_tokens if self.options.think else None,
+                on_prefill_progress=self.progress.prefill,
+            )
             text, stats = answer_text(steps, self.progress.answer if final else None, self.progress.thinking)
         self.seconds["prefill"] += stats.prefill_seconds
         self.seconds["decode"] += stats.decode_seconds

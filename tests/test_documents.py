@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from qwenmlx.documents import read_document
-from qwenmlx.errors import QwenMLXError
 from tests.documents import ALL_DOCUMENTS, CHINESE, ENGLISH_LONG_CONTEXT, ENGLISH_MOE, html_page, paragraphs, pdf_bytes
+from tests.errors import one_line_error
 
 
 @pytest.mark.parametrize("path", ALL_DOCUMENTS, ids=lambda p: p.name)
@@ -98,11 +98,7 @@ def test_stdin_is_read_with_dash(monkeypatch):
 
 
 def error_for(path) -> str:
-    with pytest.raises(QwenMLXError) as excinfo:
-        read_document(path)
-    message = str(excinfo.value)
-    assert "\n" not in message
-    return message
+    return one_line_error(read_document, path)
 
 
 def test_missing_file_is_a_one_line_error(tmp_path):

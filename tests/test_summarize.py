@@ -12,7 +12,7 @@ from qwenmlx.checkpoint import load
 from qwenmlx.cli import app
 from qwenmlx.documents import read_document
 from qwenmlx.errors import QwenMLXError
-from qwenmlx.generate import QWEN_SAMPLING, Stats, Step
+from qwenmlx.generate import QWEN_SAMPLING, THINKING_BUDGET_TEXT, Stats, Step
 from qwenmlx.rope import RoPE
 from qwenmlx.strategy import MAP_REDUCE, SINGLE_PASS, YARN, limits_for, yarn_scaling
 from qwenmlx.summarize import (
@@ -161,6 +161,13 @@ def test_thinking_is_off_by_default_with_qwens_non_thinking_sampling(tiny):
     assert "<think>\n\n</think>" in off.prompt("Summarize.", "text")
     assert "<think>" not in on.prompt("Summarize.", "text")
     assert on.reserved(100) > off.reserved(100) == 100  # thinking gets its own budget
+
+
+def test_with_thinking_on_the_thought_gets_its_own_tokens(tiny, english):
+    summary, _ = run(tiny, english, think=True)
+    plan = summary.plans[0]
+    assert plan.answer_tokens == 2 * MAX_TOKENS + len(tiny[1].encode(THINKING_BUDGET_TEXT))
+    assert MAX_TOKENS <= summary.final_stats.generated_tokens <= plan.answer_tokens
 
 
 def test_thinking_is_not_part_of_the_summary():
