@@ -331,7 +331,7 @@ class SummaryBars:
 
     def planned(self, plan, level: int) -> None:
         where = f" (summaries of level {level})" if level else ""
-        self.bars.console.print(f"[bold]strategy{where}:[/bold] {plan.describe()}", highlight=False)
+        self.bars.console.print(f"[bold]strategy{where}:[/bold] {plan.describe()}", highlight=False, soft_wrap=True)
         self._new_generation()
 
     def map_step(self, level: int, index: int, total: int, part: str) -> None:
@@ -419,7 +419,7 @@ def summarize(
         raise QwenMLXError(f"{out}: cannot write (no directory {out.parent})")
     document = read_document(file)
     if document.note and not json_output:
-        stderr.print(f"[yellow]note:[/yellow] {document.note}", highlight=False)
+        stderr.print(f"[yellow]note:[/yellow] {document.note}", highlight=False, soft_wrap=True)
     with stderr.status(f"loading {model}", spinner="dots") if not json_output else nullcontext():
         llm, tokenizer = load_for_generation(model)
     progress = None if json_output else SummaryBars()
@@ -436,4 +436,4 @@ def summarize(
         print(json.dumps(facts, indent=2, ensure_ascii=False))
         return
     print()
-    stderr.print(_closing_line(summary), highlight=False, style="dim")
+    stderr.print(_closing_line(summary), highlight=False, style="dim", soft_wrap=True)

@@ -232,9 +232,12 @@ def test_cli_prints_json_with_strategy_counts_and_timings(moe_dir, tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_cli_streams_the_summary_and_closes_with_a_line_of_figures(moe_dir):
-    result = runner.invoke(app, ["summarize", str(ENGLISH_MOE), "--model", str(moe_dir), "--max-tokens", "4"])
+def test_cli_notes_the_encoding_streams_the_summary_and_closes_with_a_line_of_figures(moe_dir, tmp_path):
+    path = tmp_path / "gb18030.txt"
+    path.write_bytes(CHINESE.read_text(encoding="utf-8").encode("gb18030"))
+    result = runner.invoke(app, ["summarize", str(path), "--model", str(moe_dir), "--max-tokens", "4"])
     assert result.exit_code == 0, result.output
+    assert f"note: {path}: not UTF-8; decoded as gb18030" in result.output
     assert "strategy: single pass, no YaRN" in result.output
     assert re.search(r"single pass · no YaRN · [\d,]+ document tokens · final prompt [\d,]+ ·", result.output)
 
