@@ -75,7 +75,10 @@ def document_from_bytes(name: str, data: bytes, suffix: str) -> Document:
 def decode_text(name: str, data: bytes) -> tuple[str, str, bool]:
     """(text, encoding, whether a fallback was needed); raises for binary data."""
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return check_not_binary(name, data.decode("utf-16")), "utf-16", False
+        try:
+            return check_not_binary(name, data.decode("utf-16")), "utf-16", False
+        except UnicodeDecodeError:
+            raise QwenMLXError(f"{name}: binary file (starts like UTF-16 but is not), not text, HTML or PDF") from None
     if b"\x00" in data[:SNIFF_BYTES]:
         raise QwenMLXError(f"{name}: binary file (contains NUL bytes), not text, HTML or PDF")
     try:
@@ -110,7 +113,6 @@ def looks_like_html(text: str) -> bool:
 def pdf_text(name: str, data: bytes) -> str:
     """The text of every page in order, pages separated by blank lines."""
     from pypdf import PdfReader
-    from pypdf.errors import PdfReadError
 
     try:
         reader = PdfReader(io.BytesIO(data))
@@ -119,8 +121,8 @@ def pdf_text(name: str, data: bytes) -> str:
         pages = [page.extract_text() or "" for page in reader.pages]
     except QwenMLXError:
         raise
-    except (PdfReadError, ValueError, KeyError, TypeError, OSError) as e:
-        raise QwenMLXError(f"{name}: not a readable PDF ({e})") from None
+    except Exception as e:  # a malformed file can make pypdf raise nearly anything
+        raise QwenMLXError(f"{name}: not a readable PDF ({type(e).__name__}: {e})") from None
     text = "\n\n".join(page.strip() for page in pages if page.strip())
     if not text:
         raise QwenMLXError(f"{name}: PDF has no extractable text (scanned pages? run OCR first)")

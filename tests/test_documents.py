@@ -119,7 +119,8 @@ def test_empty_file_is_a_one_line_error(tmp_path, content):
 @pytest.mark.parametrize("content", [
     b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)),
     bytes(range(1, 32)) * 40,
-], ids=["nul-bytes", "control-characters"])
+    b"\xff\xfe\x00\xd8",  # a UTF-16 byte-order mark, then a lone surrogate
+], ids=["nul-bytes", "control-characters", "false-utf16"])
 def test_binary_file_is_a_one_line_error(tmp_path, content):
     path = tmp_path / "image.png"
     path.write_bytes(content)
@@ -147,6 +148,17 @@ def test_pdf_without_text_is_a_one_line_error(tmp_path):
     path = tmp_path / "scan.pdf"
     path.write_bytes(pdf_bytes([[]]))
     assert error_for(path) == f"{path}: PDF has no extractable text (scanned pages? run OCR first)"
+
+
+def test_encrypted_pdf_is_a_one_line_error(tmp_path):
+    from pypdf import PdfReader, PdfWriter
+
+    writer = PdfWriter(clone_from=PdfReader(io.BytesIO(pdf_bytes([["A secret page."]]))))
+    writer.encrypt(user_password="secret", algorithm="RC4-128")
+    path = tmp_path / "locked.pdf"
+    with open(path, "wb") as f:
+        writer.write(f)
+    assert error_for(path) == f"{path}: encrypted PDF (needs a password)"
 
 
 def test_html_without_text_is_a_one_line_error(tmp_path):
