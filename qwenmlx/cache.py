@@ -9,6 +9,7 @@ to contiguous positions, as llama.cpp's context shift does, so positions never e
 """
 
 import json
+import math
 from pathlib import Path
 
 import mlx.core as mx
@@ -177,6 +178,19 @@ def kv_group_size(head_dim: int) -> int:
         if head_dim % size == 0:
             return size
     raise QwenMLXError(f"head_dim {head_dim}: a quantized KV cache needs a multiple of 32")
+
+
+def kv_elements_per_token(config) -> int:
+    """Keys and values of one token, over all layers."""
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+
+
+def kv_cache_bytes(elements_per_token: int, tokens: int, bits: int | None = None, dtype_bytes: int = 2,
+                   group_size: int = 64) -> int:
+    """Memory of a cache holding `tokens`, as allocated (in steps); a quantized one adds a scale and a bias per group."""
+    tokens = -(-tokens // KVCache.step) * KVCache.step
+    per_element = dtype_bytes if bits is None else bits / 8 + 2 * dtype_bytes / group_size
+    return math.ceil(tokens * elements_per_token * per_element)
 
 
 def make_cache(model, max_kv_size: int | None = None, kv_bits: int | None = None,

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .cache import KVCache, kv_group_size
+from .cache import KVCache, kv_cache_bytes, kv_elements_per_token, kv_group_size
 from .errors import QwenMLXError
 from .generate import available_memory
 
@@ -53,13 +53,7 @@ class Limits:
     kv_group_size: int | None  # None: this head_dim cannot have a quantized cache
 
     def kv_cache_bytes(self, tokens: int, kv_bits: int | None = None) -> int:
-        """The cache grows in steps of KVCache.step tokens; a quantized one adds a scale and a bias per group."""
-        tokens = -(-tokens // KVCache.step) * KVCache.step
-        if kv_bits is None:
-            per_element = self.kv_dtype_bytes
-        else:
-            per_element = kv_bits / 8 + 2 * self.kv_dtype_bytes / self.kv_group_size
-        return math.ceil(tokens * self.kv_elements_per_token * per_element)
+        return kv_cache_bytes(self.kv_elements_per_token, tokens, kv_bits, self.kv_dtype_bytes, self.kv_group_size)
 
     def memory_needed(self, tokens: int, kv_bits: int | None = None) -> int:
         return self.weights_bytes + self.kv_cache_bytes(tokens, kv_bits)
@@ -95,7 +89,7 @@ def config_limits(config, weights_bytes: int, dtype_bytes: int, memory_budget: i
         native_context=native or native_context(config),
         memory_budget=memory_budget,
         weights_bytes=weights_bytes,
-        kv_elements_per_token=2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim,
+        kv_elements_per_token=kv_elements_per_token(config),
         kv_dtype_bytes=dtype_bytes,
         kv_group_size=group_size,
     )
