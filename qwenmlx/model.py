@@ -190,17 +190,19 @@ class SparseMoeBlock(nn.Module):
         self.switch_mlp = ExpertsSwiGLU(c.hidden_size, c.moe_intermediate_size, c.num_experts)
 
     def __call__(self, x: mx.array) -> mx.array:
-        logits = self.gate(x).astype(mx.float32)
+        logits = self.gate(x)
         # Softmax is monotonic, so the top-k of the logits are the top-k of the probabilities.
         expert_ids = mx.argpartition(logits, kth=-self.top_k, axis=-1)[..., -self.top_k :]
         top_logits = mx.take_along_axis(logits, expert_ids, axis=-1)
         if self.norm_topk_prob:
-            # The full softmax renormalised over the chosen k is the softmax of the chosen logits.
+            # The full softmax renormalised over the chosen k is the softmax of the chosen logits
+            # (precise: accumulated in float32, as transformers' softmax is).
             weights = mx.softmax(top_logits, axis=-1, precise=True)
         else:
-            weights = mx.exp(top_logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+            log_norm = mx.logsumexp(logits.astype(mx.float32), axis=-1, keepdims=True)
+            weights = mx.exp(top_logits.astype(mx.float32) - log_norm).astype(x.dtype)
         expert_out = self.switch_mlp(x, expert_ids)  # [..., k, hidden]
-        return (weights[..., None, :].astype(x.dtype) @ expert_out).squeeze(-2)
+        return (weights[..., None, :] @ expert_out).squeeze(-2)
 
 
 class DecoderLayer(nn.Module):
