@@ -1,7 +1,7 @@
 """KV caches: what each attention layer keeps of past tokens, where those tokens sit, and how it attends over them.
 
-A cache owns positions: attention hands it the new queries, keys and values before RoPE together
-with the layer's RoPE, and the cache rotates them at the positions it chooses. Keys are stored
+Attention rotates the new queries and keys at positions offset, offset+1, ... and hands them over
+with the layer's RoPE, which the rotating cache uses to move tokens to other positions. Keys are stored
 after RoPE, contiguous from position 0, in one of two forms: float arrays, or 4/8-bit groups
 (mx.quantize) read through mx.quantized_matmul. The rotating cache bounds the number of tokens by
 evicting the oldest ones after the first `keep` (attention sinks) and re-rotating the keys it keeps
@@ -9,6 +9,7 @@ to contiguous positions, as llama.cpp's context shift does, so positions never e
 """
 
 import json
+import math
 from pathlib import Path
 
 import mlx.core as mx
@@ -35,8 +36,7 @@ class KVCache:
         self.offset = 0  # tokens held; also the RoPE position of the next token
 
     def attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float, rope) -> mx.array:
-        """Rotate the new tokens at the next positions, store them, attend causally over everything held."""
-        queries, keys = rope(queries, self.offset), rope(keys, self.offset)
+        """Store the new tokens (q and k already rotated at positions offset...), attend causally over everything held."""
         L = keys.shape[2]
         self._reserve(self.offset + L, keys)
         self._write(self.offset, self._encode(keys) + self._encode(values))
@@ -119,13 +119,17 @@ class RotatingKVCache(KVCache):
         self.evict = evict or max(1, (max_size - keep) // 4)
 
     def attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float, rope) -> mx.array:
-        outputs, start, L = [], 0, keys.shape[2]
+        outputs, start, L, shifted = [], 0, keys.shape[2], 0
         while start < L:
             if self.offset == self.max_size:
                 self._evict_oldest(rope)
+                shifted += self.evict
             n = min(L - start, self.max_size - self.offset)
             piece = slice(start, start + n)
-            outputs.append(super().attend(queries[:, :, piece], keys[:, :, piece], values[:, :, piece], scale, rope))
+            q, k = queries[:, :, piece], keys[:, :, piece]
+            if shifted:  # this piece moves down with the tokens kept, as single-token decode would place it
+                q, k = shift_positions(q, -shifted, rope), shift_positions(k, -shifted, rope)
+            outputs.append(super().attend(q, k, values[:, :, piece], scale, rope))
             start += n
         return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
 
@@ -134,9 +138,7 @@ class RotatingKVCache(KVCache):
         keep, shift, end = self.keep, self.evict, self.offset
         for buffer in self.buffers:
             buffer[..., keep : end - shift, :] = buffer[..., keep + shift : end, :]
-        keys = self._decoded_keys(keep, end - shift)
-        # Rotations compose: every moved key turns back by `shift` positions (one position axis of length 1).
-        rotated = rope(keys.reshape(-1, 1, keys.shape[-1]), -shift).reshape(keys.shape)
+        rotated = shift_positions(self._decoded_keys(keep, end - shift), -shift, rope)
         for buffer, part in zip(self.buffers, self._encode(rotated)):
             buffer[..., keep : end - shift, :] = part
         self.offset -= shift
@@ -145,6 +147,11 @@ class RotatingKVCache(KVCache):
     def describe(self) -> dict:
         return {**super().describe(), "max_size": self.max_size, "keep": self.keep, "evict": self.evict,
                 "evicted": self.evicted}
+
+
+def shift_positions(x: mx.array, delta: int, rope) -> mx.array:
+    """Rotated queries or keys moved by delta positions: rotations compose (each token on a position axis of its own)."""
+    return rope(x.reshape(-1, 1, x.shape[-1]), delta).reshape(x.shape)
 
 
 def quantized_attention(queries, keys, values, scale, mask, group_size, bits) -> mx.array:
@@ -171,6 +178,19 @@ def kv_group_size(head_dim: int) -> int:
         if head_dim % size == 0:
             return size
     raise QwenMLXError(f"head_dim {head_dim}: a quantized KV cache needs a multiple of 32")
+
+
+def kv_elements_per_token(config) -> int:
+    """Keys and values of one token, over all layers."""
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+
+
+def kv_cache_bytes(elements_per_token: int, tokens: int, bits: int | None = None, dtype_bytes: int = 2,
+                   group_size: int = 64) -> int:
+    """Memory of a cache holding `tokens`, as allocated (in steps); a quantized one adds a scale and a bias per group."""
+    tokens = -(-tokens // KVCache.step) * KVCache.step
+    per_element = dtype_bytes if bits is None else bits / 8 + 2 * dtype_bytes / group_size
+    return math.ceil(tokens * elements_per_token * per_element)
 
 
 def make_cache(model, max_kv_size: int | None = None, kv_bits: int | None = None,

@@ -29,6 +29,7 @@ import numpy as np
 from quantize import QuantParams, Recipe, quantize, quantized_shapes, squared_error
 from quantize import dequantize as dequantize_parts
 
+from .cache import kv_cache_bytes, kv_elements_per_token
 from .checkpoint import check_weights, expert_stacks, is_dropped, resolve_model_dir, safetensors_header, weight_files
 from .config import ModelConfig, read_config
 from .errors import QwenMLXError
@@ -525,20 +526,12 @@ def convert(src: str | Path, dst: str | Path, recipe: Recipe | None = None, *, d
     return write_model(plan, dst, force=force, on_progress=on_progress)
 
 
-def kv_cache_bytes(config: ModelConfig, context: int, bits: int | None = None) -> int:
-    """KV cache of `context` tokens: bf16, or `bits`-bit with bf16 scale and bias per 64 values (mlx-lm's)."""
-    values = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * context
-    if bits is None:
-        return 2 * values
-    return values * bits // 8 + values // 64 * 4
-
-
 def memory_plan(plan: ConversionPlan, context: int) -> dict:
     """What `--plan` prints: the size on disk and the memory to run it at a context length."""
     kinds = kind_summaries(plan.steps)
     elements = sum(k.elements for k in kinds.values())
-    kv = kv_cache_bytes(plan.config, context)
-    kv8 = kv_cache_bytes(plan.config, context, bits=8)
+    kv = kv_cache_bytes(kv_elements_per_token(plan.config), context)  # bf16, as on a Mac
+    kv8 = kv_cache_bytes(kv_elements_per_token(plan.config), context, bits=8)
     return {
         "recipe": plan.recipe.name if plan.recipe else "unquantized",
         "size_on_disk_gb": round(plan.total_bytes / 1e9, 3),

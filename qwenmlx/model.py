@@ -4,6 +4,8 @@ Dense Qwen3 (Qwen3-0.6B ... 32B) is the same network with an MLP in every layer 
 the sparse mixture of experts.
 """
 
+import copy
+from functools import partial
 from typing import Any
 
 import mlx.core as mx
@@ -13,12 +15,51 @@ from .config import ModelConfig
 from .rope import RoPE
 
 
+@partial(mx.compile, shapeless=True)
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    return nn.silu(gate) * up
+
+
+def concatenate_rows(layers: list[nn.Module]) -> nn.Module | None:
+    """One layer computing the outputs of all `layers` side by side; None where their storage differs.
+
+    Fewer, larger matmuls per token. Stacking output rows is exact, quantized or not: each row keeps its groups.
+    """
+
+    def storage(m: nn.Module):
+        return type(m), getattr(m, "bits", None), getattr(m, "group_size", None), getattr(m, "mode", None), "bias" in m
+
+    if any(storage(m) != storage(layers[0]) for m in layers):
+        return None
+    fused = copy.copy(layers[0])
+    for name in ("weight", "scales", "biases"):
+        if layers[0].get(name) is not None:
+            fused[name] = mx.concatenate([m[name] for m in layers], axis=-2)
+    if "bias" in fused:
+        fused["bias"] = mx.concatenate([m["bias"] for m in layers], axis=-1)
+    return fused
+
+
+def fuse_gate_up(block: nn.Module) -> None:
+    fused = concatenate_rows([block.gate_proj, block.up_proj])
+    if fused is not None:
+        block.gate_up_proj = fused
+        del block.gate_proj, block.up_proj
+
+
+def gate_and_up(block: nn.Module, *args) -> tuple[mx.array, mx.array]:
+    if "gate_up_proj" in block:
+        return mx.split(block.gate_up_proj(*args), 2, axis=-1)
+    return block.gate_proj(*args), block.up_proj(*args)
+
+
 class Attention(nn.Module):
     """Grouped-query attention with per-head RMSNorm on q and k before RoPE."""
 
     def __init__(self, c: ModelConfig, rope: RoPE):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.eps = c.rms_norm_eps
         self.q_proj = nn.Linear(c.hidden_size, self.n_heads * c.head_dim, bias=c.attention_bias)
         self.k_proj = nn.Linear(c.hidden_size, self.n_kv_heads * c.head_dim, bias=c.attention_bias)
         self.v_proj = nn.Linear(c.hidden_size, self.n_kv_heads * c.head_dim, bias=c.attention_bias)
@@ -32,18 +73,36 @@ class Attention(nn.Module):
         # YaRN scales q and k each by attention_factor; here that product lands on the scores.
         self.scale = self.head_dim**-0.5 * rope.attention_factor**2
 
+    def fuse(self) -> None:
+        """After loading: one q|k|v projection where their quantization agrees, and the two norms' weights as one."""
+        qkv = concatenate_rows([self.q_proj, self.k_proj, self.v_proj])
+        if qkv is not None:
+            self.qkv_proj = qkv
+            del self.q_proj, self.k_proj, self.v_proj
+        # Normalising q and k heads in one call needs each head's weight: q's for query heads, k's for key heads.
+        self._qk_norm_weight = mx.concatenate([
+            mx.broadcast_to(self.q_norm.weight, (self.n_heads, self.head_dim)),
+            mx.broadcast_to(self.k_norm.weight, (self.n_kv_heads, self.head_dim)),
+        ])
+
     def __call__(self, x: mx.array, cache: Any | None = None) -> mx.array:
         B, L, _ = x.shape
-        q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
-        k = self.k_norm(self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        if "qkv_proj" in self:
+            qkv = self.qkv_proj(x)
+        else:
+            qkv = mx.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
+        heads = qkv.reshape(B, L, -1, self.head_dim).transpose(0, 2, 1, 3)  # [B, q|k|v heads, L, head_dim]
+        n_qk = self.n_heads + self.n_kv_heads
+        # q and k: normalised per head, then rotated, each in one call over both.
+        qk = mx.fast.rms_norm(heads[:, :n_qk], None, self.eps) * self._qk_norm_weight[:, None]
+        qk = self.rope(qk, cache.offset if cache is not None else 0)
+        q, k, v = qk[:, : self.n_heads], qk[:, self.n_heads :], heads[:, n_qk:]
 
         if cache is None:
-            q, k = self.rope(q), self.rope(k)
             mask = "causal" if L > 1 else None
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         else:
-            out = cache.attend(q, k, v, self.scale, self.rope)  # the cache picks the positions
+            out = cache.attend(q, k, v, self.scale, self.rope)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -57,7 +116,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(*gate_and_up(self, x)))
 
 
 class ExpertLinear(nn.Module):
@@ -113,8 +172,7 @@ class ExpertsSwiGLU(nn.Module):
             ids = flat_ids[order]
         else:
             rows, ids = mx.expand_dims(x, (-2, -3)), expert_ids
-        h = nn.silu(self.gate_proj(rows, ids, sort)) * self.up_proj(rows, ids, sort)
-        out = self.down_proj(h, ids, sort)
+        out = self.down_proj(swiglu(*gate_and_up(self, rows, ids, sort)), ids, sort)
         if sort:
             out = out[mx.argsort(order)].reshape(*expert_ids.shape, -1)
         else:
@@ -132,13 +190,19 @@ class SparseMoeBlock(nn.Module):
         self.switch_mlp = ExpertsSwiGLU(c.hidden_size, c.moe_intermediate_size, c.num_experts)
 
     def __call__(self, x: mx.array) -> mx.array:
-        probs = mx.softmax(self.gate(x).astype(mx.float32), axis=-1)
-        expert_ids = mx.stop_gradient(mx.argpartition(-probs, kth=self.top_k - 1, axis=-1)[..., : self.top_k])
-        weights = mx.take_along_axis(probs, expert_ids, axis=-1)
+        logits = self.gate(x)
+        # Softmax is monotonic, so the top-k of the logits are the top-k of the probabilities.
+        expert_ids = mx.argpartition(logits, kth=-self.top_k, axis=-1)[..., -self.top_k :]
+        top_logits = mx.take_along_axis(logits, expert_ids, axis=-1)
         if self.norm_topk_prob:
-            weights = weights / weights.sum(axis=-1, keepdims=True)
-        expert_out = self.switch_mlp(x, expert_ids)
-        return (expert_out * weights[..., None].astype(x.dtype)).sum(axis=-2)
+            # The full softmax renormalised over the chosen k is the softmax of the chosen logits
+            # (precise: accumulated in float32, as transformers' softmax is).
+            weights = mx.softmax(top_logits, axis=-1, precise=True)
+        else:
+            log_norm = mx.logsumexp(logits.astype(mx.float32), axis=-1, keepdims=True)
+            weights = mx.exp(top_logits.astype(mx.float32) - log_norm).astype(x.dtype)
+        expert_out = self.switch_mlp(x, expert_ids)  # [..., k, hidden]
+        return (weights[..., None, :] @ expert_out).squeeze(-2)
 
 
 class DecoderLayer(nn.Module):
@@ -148,6 +212,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self.mlp = SparseMoeBlock(c) if c.is_moe_layer(layer_idx) else MLP(c.hidden_size, c.intermediate_size)
+
+    def fuse(self) -> None:
+        self.self_attn.fuse()
+        fuse_gate_up(self.mlp.switch_mlp if isinstance(self.mlp, SparseMoeBlock) else self.mlp)
 
     def __call__(self, x: mx.array, cache: Any | None = None) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), cache)
@@ -175,6 +243,13 @@ class Model(nn.Module):
     def _make_rope(self, scaling: dict | None) -> RoPE:
         c = self.config
         return RoPE(c.head_dim, c.rope_theta, scaling, c.max_position_embeddings)
+
+    def load_weights(self, weights, strict: bool = True) -> "Model":
+        """Load (names and shapes as on disk), then fuse projections for fewer kernels per token."""
+        super().load_weights(weights, strict=strict)
+        for layer in self.layers:
+            layer.fuse()
+        return self
 
     @property
     def layers(self) -> list[DecoderLayer]:

@@ -23,7 +23,7 @@ def tiny_raw(layers: int) -> dict:
 
 
 def tiny_models(layers: int):
-    """(qwenmlx, mlx-lm) models with the same 4-bit weights, router unquantized."""
+    """(qwenmlx, mlx-lm) models with the same 4-bit weights, router unquantized (ours loaded as from a checkpoint)."""
     from mlx_lm.models import qwen3_moe
 
     from qwenmlx.model import Model
@@ -32,9 +32,9 @@ def tiny_models(layers: int):
         nn.quantize(model, 64, 4, class_predicate=lambda p, m: hasattr(m, "to_quantized") and not p.endswith("mlp.gate"))
         return model
 
-    ours = quantized(Model(config_from_dict(tiny_raw(layers))))
     theirs = quantized(qwen3_moe.Model(qwen3_moe.ModelArgs.from_dict(tiny_raw(layers))))
-    theirs.load_weights(tree_flatten(ours.parameters()))
+    ours = quantized(Model(config_from_dict(tiny_raw(layers))))
+    ours.load_weights(tree_flatten(theirs.parameters()))
     mx.eval(ours.parameters(), theirs.parameters())
     return ours, theirs
 

@@ -66,7 +66,8 @@ def test_re_rotation_equals_rope_at_the_new_positions_of_the_same_keys():
         if cache.offset == 10:  # evicts tokens 2..4 of what is held
             held = held[:2] + held[5:]
         key = raw_keys[:, :, i : i + 1]
-        cache.attend(mx.zeros((1, 4, 1, 32)), key, key, 1.0, rope)
+        # As attention does: rotate at the next position; the cache moves it if it evicts first.
+        cache.attend(mx.zeros((1, 4, 1, 32)), rope(key, cache.offset), key, 1.0, rope)
         held.append(i)
     expected = rope(raw_keys[:, :, held], 0)  # contiguous positions 0..len-1
     assert cache.offset == len(held) and held[:2] == [0, 1]

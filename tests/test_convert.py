@@ -15,10 +15,11 @@ from typer.testing import CliRunner
 
 import qwenmlx.convert as conversion
 from quantize import BUILTIN_RECIPES, QuantParams, get_recipe, read_recipe_file
+from qwenmlx.cache import kv_cache_bytes, kv_elements_per_token
 from qwenmlx.checkpoint import load_model, safetensors_header, weight_files
 from qwenmlx.cli import app
 from qwenmlx.config import config_from_dict
-from qwenmlx.convert import convert, kv_cache_bytes, memory_plan, plan_conversion
+from qwenmlx.convert import convert, memory_plan, plan_conversion
 from qwenmlx.errors import QwenMLXError
 from qwenmlx.fidelity import compare_logits, compare_models
 from tests.checkpoints import TINY_MOE, fp8_dequantize_blockwise, write_fp8_checkpoint
@@ -400,9 +401,9 @@ def test_plan_size_is_the_size_written(source, converted):
 def test_kv_cache_of_qwen3_30b_a3b_at_32k_tokens():
     config = config_from_dict(json.loads(Path("tests/fixtures/config-Qwen3-30B-A3B.json").read_text()))
     # 48 layers x (K and V) x 4 KV heads x 128 dims x 32768 tokens, 2 bytes each in bf16.
-    assert kv_cache_bytes(config, 32768) == 48 * 2 * 4 * 128 * 32768 * 2
+    assert kv_cache_bytes(kv_elements_per_token(config), 32768) == 48 * 2 * 4 * 128 * 32768 * 2
     # 8-bit: 1 byte a value plus a bf16 scale and bias per 64 values.
-    assert kv_cache_bytes(config, 32768, bits=8) == 48 * 2 * 4 * 128 * 32768 * (1 + 4 / 64)
+    assert kv_cache_bytes(kv_elements_per_token(config), 32768, bits=8) == 48 * 2 * 4 * 128 * 32768 * (1 + 4 / 64)
 
 
 def test_fidelity_report_has_a_relative_error_per_quantized_kind(source, tmp_path):

@@ -13,6 +13,7 @@ from qwenmlx.checkpoint import load_model, resolve_model_dir
 from qwenmlx.config import config_from_dict
 from qwenmlx.errors import QwenMLXError
 from qwenmlx.tokenizer import Tokenizer
+from tests.errors import one_line_error
 
 REAL_CONFIG = json.loads((Path(__file__).parent / "fixtures" / "config-Qwen3-30B-A3B.json").read_text())
 
@@ -86,11 +87,7 @@ def test_lazy_load_reads_no_weights_until_evaluated(moe_dir):
 
 
 def error_of(model_dir) -> str:
-    with pytest.raises(QwenMLXError) as info:
-        load_model(model_dir)
-    message = str(info.value)
-    assert "\n" not in message
-    return message
+    return one_line_error(load_model, model_dir)
 
 
 def test_missing_directory_is_a_clear_error(tmp_path):

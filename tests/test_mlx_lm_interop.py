@@ -47,5 +47,8 @@ def test_quantized_modules_follow_the_config_per_module(converted):
     bits = {path: module.bits for path, module in model.named_modules() if hasattr(module, "bits")}
     # mlx-lm's mixed recipe gives v_proj and down_proj more bits in the last layer of three, not the first.
     assert bits["model.layers.2.self_attn.v_proj"] == bits["model.layers.2.mlp.switch_mlp.down_proj"] == 6
-    assert bits["model.layers.0.self_attn.v_proj"] == bits["model.layers.0.mlp.switch_mlp.down_proj"] == 3
+    assert bits["model.layers.0.self_attn.qkv_proj"] == bits["model.layers.0.mlp.switch_mlp.down_proj"] == 3
     assert bits["lm_head"] == 6
+    # Projections are fused only where their quantization agrees: q|k|v in layer 0, not in layer 2.
+    assert "qkv_proj" in model.layers[0].self_attn and "qkv_proj" not in model.layers[2].self_attn
+    assert all("gate_up_proj" in layer.mlp.switch_mlp for layer in model.layers)

@@ -66,9 +66,12 @@ def test_batched_prompts_match_one_at_a_time(moe_dir):
         np.testing.assert_allclose(batched[row : row + 1], single, atol=LOGITS_ATOL, rtol=0)
 
 
-def test_experts_are_stacked_per_layer(moe_dir):
+def test_experts_are_stacked_per_layer_with_gate_and_up_fused(moe_dir):
     model, _ = load_model(moe_dir)
     experts = model.layers[0].mlp.switch_mlp
     c = model.config
-    assert experts.gate_proj.weight.shape == (c.num_experts, c.moe_intermediate_size, c.hidden_size)
+    assert experts.gate_up_proj.weight.shape == (c.num_experts, 2 * c.moe_intermediate_size, c.hidden_size)
     assert experts.down_proj.weight.shape == (c.num_experts, c.hidden_size, c.moe_intermediate_size)
+    attention = model.layers[0].self_attn
+    assert attention.qkv_proj.weight.shape == ((c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim,
+                                               c.hidden_size)

@@ -1,0 +1,114 @@
+"""The strategy at each boundary: native window, YaRN factor 2 / 3 / 4, memory with an 8-bit KV cache, map-reduce."""
+
+import json
+
+import pytest
+
+from qwenmlx.config import config_from_dict
+from qwenmlx.strategy import (
+    MAP_REDUCE,
+    SINGLE_PASS,
+    YARN,
+    Limits,
+    choose_strategy,
+    config_limits,
+    native_context,
+    yarn_scaling,
+)
+from tests.qwen_tokenizer_files import FIXTURES
+
+GB = 10**9
+GiB = 2**30
+ANSWER = 1024
+
+
+@pytest.fixture(scope="module")
+def qwen3_30b_config():
+    return config_from_dict(json.loads((FIXTURES / "config-Qwen3-30B-A3B.json").read_text()))
+
+
+@pytest.fixture(scope="module")
+def roomy(qwen3_30b_config) -> Limits:
+    """Qwen3-30B-A3B at 4 bits (17 GB) in bf16 on a machine with memory to spare."""
+    return config_limits(qwen3_30b_config, 17 * GB, dtype_bytes=2, memory_budget=1000 * GB)
+
+
+def test_qwen3_native_context_is_32768_not_the_configs_40960(qwen3_30b_config):
+    assert qwen3_30b_config.max_position_embeddings == 40960
+    assert native_context(qwen3_30b_config) == 32768
+
+
+def test_a_configs_yarn_base_is_the_native_context(qwen3_30b_config):
+    config = config_from_dict({**json.loads((FIXTURES / "config-Qwen3-30B-A3B.json").read_text()),
+                               "rope_scaling": yarn_scaling(4, 32768), "max_position_embeddings": 131072})
+    assert native_context(config) == 32768
+
+
+def test_qwen3_30b_kv_cache_is_96_kib_per_token_and_12_gib_at_128k(roomy):
+    assert roomy.kv_elements_per_token == 2 * 48 * 4 * 128
+    assert roomy.kv_cache_bytes(1) == roomy.kv_cache_bytes(256) == 256 * 96 * 1024  # grows 256 tokens at a time
+    assert roomy.kv_cache_bytes(131072) == 12 * GiB
+    assert roomy.kv_cache_bytes(131072, kv_bits=8) == 12 * GiB * 8.5 // 16  # 8 bits + bf16 scale and bias per 64
+
+
+@pytest.mark.parametrize("context, strategy, factor", [
+    (32768, SINGLE_PASS, None),
+    (32769, YARN, 2),
+    (65536, YARN, 2),
+    (65537, YARN, 3),
+    (98305, YARN, 4),
+    (131072, YARN, 4),
+    (131073, MAP_REDUCE, None),
+])
+def test_strategy_at_each_window_boundary(roomy, context, strategy, factor):
+    plan = choose_strategy(context - ANSWER, ANSWER, roomy)
+    assert (plan.strategy, plan.yarn_factor, plan.kv_bits) == (strategy, factor, None)
+    assert plan.context_tokens == context
+
+
+def test_the_answer_counts_toward_the_window(roomy):
+    assert choose_strategy(32000, 768, roomy).strategy == SINGLE_PASS
+    assert choose_strategy(32000, 769, roomy).yarn_factor == 2
+
+
+def test_an_8bit_kv_cache_is_used_when_only_it_fits_in_memory(qwen3_30b_config):
+    context = 131072
+    probe = config_limits(qwen3_30b_config, 17 * GB, 2, 0)
+    full, eight_bit = probe.memory_needed(context), probe.memory_needed(context, 8)
+    for budget, kv_bits in [(full, None), (full - 1, 8), (eight_bit, 8)]:
+        limits = config_limits(qwen3_30b_config, 17 * GB, 2, budget)
+        plan = choose_strategy(context - ANSWER, ANSWER, limits)
+        assert (plan.strategy, plan.yarn_factor, plan.kv_bits) == (YARN, 4, kv_bits)
+        assert plan.memory_needed <= budget
+
+
+def test_map_reduce_when_even_an_8bit_kv_cache_does_not_fit(qwen3_30b_config):
+    probe = config_limits(qwen3_30b_config, 17 * GB, 2, 0)
+    limits = config_limits(qwen3_30b_config, 17 * GB, 2, probe.memory_needed(32768, 8) - 1)
+    plan = choose_strategy(32768 - ANSWER, ANSWER, limits)
+    assert plan.strategy == MAP_REDUCE
+    assert "even with an 8-bit KV cache" in plan.describe()
+
+
+def test_with_24_gb_128k_tokens_need_an_8bit_cache_and_with_20_gb_they_need_map_reduce(qwen3_30b_config):
+    limits = config_limits(qwen3_30b_config, 17 * GB, 2, memory_budget=24 * GB)
+    assert choose_strategy(65536 - ANSWER, ANSWER, limits).kv_bits is None
+    assert choose_strategy(131072 - ANSWER, ANSWER, limits).kv_bits == 8
+    limits = config_limits(qwen3_30b_config, 17 * GB, 2, memory_budget=20 * GB)
+    assert choose_strategy(131072 - ANSWER, ANSWER, limits).strategy == MAP_REDUCE
+    assert limits.longest_context() == 57344  # 3 GB of 8-bit cache, in whole 256-token steps
+
+
+def test_a_head_dim_without_quantization_groups_gets_no_8bit_cache(qwen3_30b_config):
+    config = config_from_dict({**json.loads((FIXTURES / "config-Qwen3-30B-A3B.json").read_text()), "head_dim": 16})
+    limits = config_limits(config, GB, 4, memory_budget=10 * GB)
+    assert limits.kv_bits_options() == (None,)
+
+
+@pytest.mark.parametrize("strategy_context, words", [
+    (1000, "single pass, no YaRN"), (40000, "YaRN factor 2"), (200000, "the most YaRN factor 4 allows"),
+])
+def test_the_plan_says_which_strategy_and_why(roomy, strategy_context, words):
+    plan = choose_strategy(strategy_context, ANSWER, roomy)
+    assert words in plan.describe()
+    assert plan.to_dict()["description"] == plan.describe()

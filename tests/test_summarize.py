@@ -1,0 +1,254 @@
+"""Summarising on a tiny random model: the mechanics (strategy, YaRN applied, map-reduce order), not the words."""
+
+import json
+import re
+
+import mlx.core as mx
+import pytest
+from typer.testing import CliRunner
+
+import qwenmlx.summarize as summarize_module
+from qwenmlx.checkpoint import load
+from qwenmlx.cli import app
+from qwenmlx.documents import read_document
+from qwenmlx.errors import QwenMLXError
+from qwenmlx.generate import QWEN_SAMPLING, THINKING_BUDGET_TEXT, Stats, Step
+from qwenmlx.rope import RoPE
+from qwenmlx.strategy import MAP_REDUCE, SINGLE_PASS, YARN, limits_for, yarn_scaling
+from qwenmlx.summarize import (
+    Summarizer,
+    SummaryOptions,
+    SummaryProgress,
+    answer_text,
+    detect_language,
+    encode_in_pieces,
+    summarize,
+)
+from tests.documents import ALL_DOCUMENTS, CHINESE, ENGLISH_LONG_CONTEXT, ENGLISH_MOE
+
+MAX_TOKENS = 8
+PLENTY = 10**12  # bytes: memory is not the limit
+
+
+@pytest.fixture(scope="module")
+def tiny(moe_dir):
+    return load(moe_dir)
+
+
+@pytest.fixture(scope="module")
+def english():
+    return read_document(ENGLISH_LONG_CONTEXT)
+
+
+class Recorder(SummaryProgress):
+    """Keeps what a run reports, and the model's RoPE while each prefill runs."""
+
+    def __init__(self, model):
+        self.model = model
+        self.plans, self.map_steps, self.answer_chunks, self.ropes = [], [], [], []
+
+    def planned(self, plan, level):
+        self.plans.append((level, plan))
+
+    def map_step(self, level, index, total, part):
+        self.map_steps.append((level, index, total, part))
+
+    def prefill(self, done, total):
+        rope = self.model.layers[0].self_attn.rope
+        self.ropes.append((self.model.config.rope_scaling, rope.attention_factor, rope._freqs))
+
+    def answer(self, text):
+        self.answer_chunks.append(text)
+
+
+def run(tiny, document, *, native=None, memory_budget=PLENTY, **options):
+    model, tokenizer = tiny
+    recorder = Recorder(model)
+    limits = limits_for(model, native=native, memory_budget=memory_budget)
+    options = SummaryOptions(max_tokens=options.pop("max_tokens", MAX_TOKENS), seed=0, **options)
+    summary = summarize(model, tokenizer, document, options, progress=recorder, limits=limits)
+    return summary, recorder
+
+
+def test_a_document_within_the_native_window_is_one_pass_without_yarn(tiny, english):
+    summary, recorder = run(tiny, english)
+    assert (summary.strategy, summary.yarn_factor, len(summary.plans), summary.parts) == (SINGLE_PASS, None, 1, [])
+    assert summary.plans[0].context_tokens <= tiny[0].config.max_position_embeddings
+    assert summary.final_stats.generated_tokens <= MAX_TOKENS
+    assert {scaling for scaling, _, _ in recorder.ropes} == {None}
+    assert "".join(recorder.answer_chunks) == summary.text  # the final answer streamed, all of it
+
+
+@pytest.mark.parametrize("native, factor", [(1400, 2), (800, 3), (600, 4)])
+def test_the_yarn_factor_applied_to_the_model_is_the_one_reported(tiny, english, native, factor):
+    model = tiny[0]
+    summary, recorder = run(tiny, english, native=native)
+    assert (summary.strategy, summary.yarn_factor) == (YARN, factor)
+    expected = RoPE(model.config.head_dim, model.config.rope_theta, yarn_scaling(factor, native),
+                    model.config.max_position_embeddings)
+    assert recorder.ropes
+    for scaling, attention_factor, freqs in recorder.ropes:
+        assert scaling == yarn_scaling(factor, native)
+        assert attention_factor == expected.attention_factor
+        assert mx.array_equal(freqs, expected._freqs)
+    assert model.config.rope_scaling is None  # for this run only
+    assert model.layers[0].self_attn.rope.attention_factor == 1.0
+
+
+def test_past_four_times_the_window_the_parts_cover_the_document_once_in_order(tiny, english, monkeypatch):
+    tokenizer = tiny[1]
+    prompts = []
+    real_stream_generate = summarize_module.stream_generate
+
+    def recording_stream_generate(model, tok, prompt_tokens, **kwargs):
+        prompts.append(tokenizer.decode(prompt_tokens))
+        return real_stream_generate(model, tok, prompt_tokens, **kwargs)
+
+    monkeypatch.setattr(summarize_module, "stream_generate", recording_stream_generate)
+    summary, recorder = run(tiny, english, native=500)
+    assert summary.strategy == MAP_REDUCE
+    assert summary.plans[0].context_tokens > 4 * 500
+    assert summary.plans[-1].strategy != MAP_REDUCE
+
+    level0 = [step for step in recorder.map_steps if step[0] == 0]
+    parts = [part for _, _, _, part in level0]
+    assert [index for _, index, _, _ in level0] == list(range(1, len(parts) + 1))
+    assert len(parts) >= 5
+    assert "".join(parts) == english.text.strip()
+    spans = [(p.start, p.end) for p in summary.parts if p.level == 0]
+    assert spans == [(sum(map(len, parts[:i])), sum(map(len, parts[: i + 1]))) for i in range(len(parts))]
+    # Each map prompt holds its own part and no other: every part reached the model once, in order.
+    for prompt, part in zip(prompts, parts):
+        assert part.strip() in prompt
+        assert sum(other.strip() in prompt for other in parts) == 1
+    assert len(prompts) == len(summary.parts) + 1  # one generation per part, then the final summary
+    for i, part in enumerate(summary.parts[: len(parts)], 1):
+        assert f"Part {i} of {len(parts)}:\n{part.summary}" in prompts[-1] or part.level > 0
+
+
+def test_when_memory_is_the_limit_the_summaries_are_summarised_again(tiny, english):
+    model = tiny[0]
+    probe = limits_for(model, memory_budget=0)
+    summary, recorder = run(tiny, english, memory_budget=probe.memory_needed(256, kv_bits=8), max_tokens=16)
+    assert summary.strategy == MAP_REDUCE
+    assert "even with an 8-bit KV cache" in summary.plans[0].describe()
+    levels = [plan.strategy for plan in summary.plans]
+    assert levels[:2] == [MAP_REDUCE, MAP_REDUCE] and levels[-1] != MAP_REDUCE
+    for level in range(len(summary.plans) - 1):
+        level_parts = [p for p in summary.parts if p.level == level]
+        assert [p.index for p in level_parts] == list(range(1, len(level_parts) + 1))
+        assert all(a.end == b.start for a, b in zip(level_parts, level_parts[1:]))
+
+
+def test_chinese_documents_are_summarised_in_chinese_unless_told_otherwise():
+    chinese = CHINESE.read_text(encoding="utf-8")
+    assert detect_language(chinese) == "zh"
+    assert detect_language(ENGLISH_MOE.read_text(encoding="utf-8")) is None
+    assert SummaryOptions().language_instruction(chinese) == "Write it in Chinese (简体中文), the language of the document."
+    assert SummaryOptions(lang="en").language_instruction(chinese) == "Write it in English."
+    assert SummaryOptions().language_instruction("Ein kurzer Text.") == (
+        "Write it in the language the document is written in."
+    )
+
+
+def test_thinking_is_off_by_default_with_qwens_non_thinking_sampling(tiny):
+    model, tokenizer = tiny
+    limits = limits_for(model, memory_budget=PLENTY)
+    off = Summarizer(model, tokenizer, SummaryOptions(), limits)
+    on = Summarizer(model, tokenizer, SummaryOptions(think=True), limits)
+    assert (off.sampling.temperature, off.sampling.top_p, off.sampling.top_k) == (0.7, 0.8, 20)
+    assert off.sampling == QWEN_SAMPLING[False]
+    assert "<think>\n\n</think>" in off.prompt("Summarize.", "text")
+    assert "<think>" not in on.prompt("Summarize.", "text")
+    assert on.reserved(100) > off.reserved(100) == 100  # thinking gets its own budget
+
+
+def test_with_thinking_on_the_thought_gets_its_own_tokens(tiny, english):
+    summary, _ = run(tiny, english, think=True)
+    plan = summary.plans[0]
+    assert plan.answer_tokens == 2 * MAX_TOKENS + len(tiny[1].encode(THINKING_BUDGET_TEXT))
+    assert MAX_TOKENS <= summary.final_stats.generated_tokens <= plan.answer_tokens
+
+
+def test_thinking_is_not_part_of_the_summary():
+    stats = Stats()
+    steps = [Step(1, "<think>", True, stats), Step(2, "the user wants", True, stats), Step(3, "</think>", True, stats),
+             Step(4, "\n\n", False, stats), Step(5, "Qwen3 uses", False, stats), Step(6, " 128 experts.", False, stats)]
+    streamed, thoughts = [], []
+    text, returned_stats = answer_text(steps, streamed.append, thoughts.append)
+    assert text == "".join(streamed) == "Qwen3 uses 128 experts."
+    assert thoughts == [1, 2, 3]
+    assert returned_stats is stats
+
+
+@pytest.mark.parametrize("path", ALL_DOCUMENTS, ids=lambda p: p.name)
+def test_tokenising_in_pieces_gives_the_same_ids(tiny, path, monkeypatch):
+    tokenizer = tiny[1]
+    monkeypatch.setattr(summarize_module, "TOKENIZE_PIECE_CHARS", 200)
+    text = path.read_text(encoding="utf-8")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"{text}\n\nSummarize."}], enable_thinking=False)
+    progress = []
+    ids = encode_in_pieces(tokenizer, prompt, lambda done, total: progress.append((done, total)))
+    assert ids == tokenizer.encode(prompt)
+    assert len(progress) > 10 and progress[-1] == (len(prompt), len(prompt))
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(style="long"), "--style long: unknown style (choose from brief, detailed, bullets)"),
+    (dict(lang="xx"), "--lang xx: unknown language code"),
+    (dict(max_tokens=0), "--max-tokens 0: must be at least 1"),
+])
+def test_bad_options_are_one_line_errors(tiny, english, options, message):
+    with pytest.raises(QwenMLXError, match=re.escape(message)):
+        run(tiny, english, **options)
+
+
+def test_memory_too_small_for_any_part_is_a_one_line_error(tiny, english):
+    probe = limits_for(tiny[0], memory_budget=0)
+    with pytest.raises(QwenMLXError, match="cannot fit one generation"):
+        run(tiny, english, memory_budget=probe.weights_bytes + 1)
+
+
+def test_part_summaries_that_do_not_shrink_stop_the_run_with_a_one_line_error(tiny, english, monkeypatch):
+    # A model that answers every part at length would otherwise recurse for ever.
+    monkeypatch.setattr(Summarizer, "generate", lambda self, prompt, plan, answer_tokens, final: "Qwen3. " * 400)
+    with pytest.raises(QwenMLXError, match="no shorter than the text they summarise"):
+        run(tiny, english, native=500)
+
+
+runner = CliRunner()
+
+
+def test_cli_prints_json_with_strategy_counts_and_timings(moe_dir, tmp_path):
+    out = tmp_path / "summary.md"
+    result = runner.invoke(app, ["summarize", str(CHINESE), "--model", str(moe_dir), "--max-tokens", "4",
+                                 "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    facts = json.loads(result.stdout)
+    assert (facts["strategy"], facts["yarn_factor"], facts["kind"]) == (SINGLE_PASS, None, "text")
+    assert facts["document_tokens"] > 2000 and facts["final"]["prompt_tokens"] > facts["document_tokens"]
+    assert set(facts["seconds"]) == {"tokenize", "prefill", "decode", "total"}
+    assert out.read_text() == facts["summary"] + "\n"
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_cli_notes_the_encoding_streams_the_summary_and_closes_with_a_line_of_figures(moe_dir, tmp_path):
+    path = tmp_path / "gb18030.txt"
+    path.write_bytes(CHINESE.read_text(encoding="utf-8").encode("gb18030"))
+    result = runner.invoke(app, ["summarize", str(path), "--model", str(moe_dir), "--max-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    assert f"note: {path}: not UTF-8; decoded as gb18030" in result.output
+    assert "strategy: single pass, no YaRN" in result.output
+    assert re.search(r"single pass · no YaRN · [\d,]+ document tokens · final prompt [\d,]+ ·", result.output)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing.md"], "missing.md: no such file"),
+    ([str(ENGLISH_MOE), "--style", "long"], "--style long: unknown style"),
+    ([str(ENGLISH_MOE), "--out", "no/such/dir/out.md"], "no/such/dir/out.md: cannot write (no directory no/such/dir)"),
+])
+def test_cli_errors_are_one_line_and_exit_1(moe_dir, args, message):
+    result = runner.invoke(app, ["summarize", *args, "--model", str(moe_dir)])
+    assert result.exit_code == 1
+    assert message in result.output
+    assert "Traceback" not in result.output
