@@ -497,6 +497,8 @@ def summarise(options: BenchOptions, outputs: list[dict]) -> dict:
             row = {"bits": bits, "side": side, "dtype": dtype or "bfloat16 (default)", "runs": len(gen)}
             for key in ("decode_tps", "prefill_tps", "load_s", "peak_rss_gb", "peak_memory_gb"):
                 row[key] = median_of(gen, key)
+            for key in ("decode_tps", "prefill_tps"):  # each run's figure, to judge the noise
+                row[f"{key}_runs"] = [r[key] for r in gen]
             row["bytes_per_token"] = gen[0]["bytes_per_token"]
             row["bound_tps"] = bandwidth * 1e9 / row["bytes_per_token"]
             row["fraction_of_bound"] = row["decode_tps"] / row["bound_tps"]
