@@ -37,6 +37,7 @@ REAL_CONFIG = ROOT / "tests/fixtures/config-Qwen3-30B-A3B.json"
 SHARD_BYTES = 2 * 10**9
 SIDES = ("qwenmlx", "mlx-lm")
 CACHE_KINDS = ("growing", "rotating", "8-bit")
+EXPERT_BITS = (4, 6)  # the recipes experts-4 and experts-6
 # Primitives that only re-describe memory (no kernel runs for them on any backend).
 VIEWS = {"Broadcast", "Reshape", "ExpandDims", "Squeeze", "Slice", "Transpose", "StopGradient", "AsStrided"}
 
@@ -521,8 +522,22 @@ def summarise(options: BenchOptions, outputs: list[dict]) -> dict:
     return result
 
 
+def check_options(o: BenchOptions) -> None:
+    """Bad sizes fail here, in one line, before minutes of checkpoint writing."""
+    for name, value, least in (("--layers", o.layers, 1), ("--prompt-tokens", o.prompt_tokens, 1),
+                               ("--decode-tokens", o.decode_tokens, 2), ("--repeats", o.repeats, 1),
+                               ("--context-steps", o.context_steps, 1)):
+        if value < least:
+            raise QwenMLXError(f"{name} must be at least {least}, got {value}")
+    if not o.bits or any(b not in EXPERT_BITS for b in o.bits):
+        raise QwenMLXError(f"--bits: experts' bit widths are {', '.join(map(str, EXPERT_BITS))}, got {o.bits}")
+    if any(c <= o.context_steps + 1 for c in o.contexts):
+        raise QwenMLXError(f"--contexts must exceed --context-steps + 1, got {o.contexts}")
+
+
 def run_bench(options: BenchOptions, on_step: Callable[[str, int, int], None] = lambda *_: None) -> dict:
     """Measure everything the options ask for; on_step(label, done, total) reports progress. Returns plain data."""
+    check_options(options)
     if options.convert and shutil.which("/usr/bin/time") is None:
         raise QwenMLXError("bench: the conversion benchmark needs GNU time (/usr/bin/time); pass --no-convert")
     options.workdir.mkdir(parents=True, exist_ok=True)

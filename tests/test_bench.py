@@ -88,6 +88,9 @@ def test_run_bench_result_shape(tmp_path):
     (["--bits", "four"], "--bits takes comma-separated integers"),
     (["--dtype", "int8"], "--dtype must be"),
     (["--config", "/nonexistent/config.json"], "no such config file"),
+    (["--layers", "0"], "--layers must be at least 1"),
+    (["--bits", "4,5"], "--bits: experts' bit widths are 4, 6"),
+    (["--contexts", "8"], "--contexts must exceed"),
 ])
 def test_bad_options_are_one_line_errors(args, message, tmp_path):
     result = CliRunner().invoke(app, ["bench", *args, "--workdir", str(tmp_path), "-o", str(tmp_path / "b.json")])
