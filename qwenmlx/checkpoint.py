@@ -209,7 +209,11 @@ def load_model(
     dtype = dtype or compute_dtype()
     weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
+    del weights  # the model now holds the only references, so fusing frees each original once it is joined
     if not lazy:
+        # A layer at a time: q|k|v and gate|up are joined at load, and only one layer's originals are in flight.
+        for layer in model.layers:
+            mx.eval(layer.parameters())
         mx.eval(model.parameters())
     model.eval()
     return model, model_dir
