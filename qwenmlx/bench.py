@@ -198,9 +198,7 @@ class QwenMLXSide:
     @staticmethod
     def fill(cache, keys, values) -> None:
         # The cache's own storage path (what attend does), without attending over the whole context.
-        cache._reserve(keys.shape[2], keys)
-        cache._write(0, cache._encode(keys) + cache._encode(values))
-        cache.offset = keys.shape[2]
+        cache.store(keys, values)
 
 
 class MLXLMSide:

@@ -37,11 +37,15 @@ class KVCache:
 
     def attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float, rope) -> mx.array:
         """Store the new tokens (q and k already rotated at positions offset...), attend causally over everything held."""
+        self.store(keys, values)
+        return self._attention(queries, scale)
+
+    def store(self, keys: mx.array, values: mx.array) -> None:
+        """Append keys/values after what is held (no eviction: the caller keeps within max_size)."""
         L = keys.shape[2]
         self._reserve(self.offset + L, keys)
         self._write(self.offset, self._encode(keys) + self._encode(values))
         self.offset += L
-        return self._attention(queries, scale)
 
     def trim(self, n: int) -> int:
         """Forget the last n tokens (prompt reuse); returns how many were dropped."""
