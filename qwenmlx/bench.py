@@ -55,6 +55,7 @@ class BenchOptions:
     config: Path = REAL_CONFIG  # whose per-layer shapes the synthetic model has
     bandwidth_gb: float = 2.0  # size of the array summed to measure read bandwidth
     default_dtypes: bool = True  # also mlx-lm at its own default (the checkpoint's bf16)
+    threads: int | None = None  # qwenmlx's CPU cores (default: all); mlx-lm runs each matmul on one
     convert: bool = True
     workdir: Path = Path(tempfile.gettempdir()) / "qwenmlx-bench"
 
@@ -177,10 +178,10 @@ def synthetic_checkpoints(options: BenchOptions) -> tuple[Path, dict[int, Path]]
 
 class QwenMLXSide:
     @staticmethod
-    def load(path: str, dtype):
+    def load(path: str, dtype, threads: int | None):
         from .checkpoint import load_model
 
-        return load_model(path, dtype=dtype)[0]
+        return load_model(path, dtype=dtype, threads=threads)[0]
 
     @staticmethod
     def generate(model, prompt: list[int], max_tokens: int, cache: list):
@@ -200,10 +201,23 @@ class QwenMLXSide:
         # The cache's own storage path (what attend does), without attending over the whole context.
         cache.store(keys, values)
 
+    @staticmethod
+    def kernels(model, cache: list) -> dict:
+        """Counted with each matmul whole, as on a GPU (what carries over to a Mac); cpu_total with the CPU's split."""
+        from .parallel import NO_CORES
+
+        cores = model.cores
+        cpu = decode_step_kernels(model, cache)
+        model.use_cores(NO_CORES)
+        try:
+            return {**decode_step_kernels(model, cache), "cpu_total": cpu["total"]}
+        finally:
+            model.use_cores(cores)
+
 
 class MLXLMSide:
     @staticmethod
-    def load(path: str, dtype):
+    def load(path: str, dtype, threads: int | None):
         """mlx_lm.load without the tokenizer (the benchmark feeds token ids); dtype None keeps the checkpoint's."""
         import mlx.core as mx
         from mlx_lm.utils import load_model
@@ -236,6 +250,11 @@ class MLXLMSide:
     def fill(cache, keys, values) -> None:
         cache.update_and_fetch(keys, values)
 
+    @staticmethod
+    def kernels(model, cache: list) -> dict:
+        counts = decode_step_kernels(model, cache)
+        return {**counts, "cpu_total": counts["total"]}
+
 
 SIDE_CLASSES = {"qwenmlx": QwenMLXSide, "mlx-lm": MLXLMSide}
 
@@ -260,11 +279,18 @@ def count_kernels(outputs) -> Counter:
 
 
 def decode_step_kernels(model, cache: list) -> dict:
-    """One decode step's kernels over a warm cache; per layer = (step - embedding, final norm, lm_head) / layers."""
+    """One decode step's kernels over a warm cache; per layer = (step - embedding, final norm, lm_head) / layers.
+
+    The step is then run and taken back out of the cache, so the next count starts from the same cache.
+    """
     import mlx.core as mx
 
     token = mx.array([[5]])
-    step = count_kernels(model(token, cache))
+    logits = model(token, cache)
+    step = count_kernels(logits)
+    mx.eval(logits, [c.state for c in cache])
+    for c in cache:
+        c.trim(1)
     head = count_kernels(model.lm_head(model.model.norm(model.model.embed_tokens(token))))
     layers = len(model.layers)
     return {"total": sum(step.values()), "head": sum(head.values()),
@@ -309,7 +335,7 @@ def run_generation(side, model, task: dict) -> dict:
     end = time.perf_counter()
     return {"prefill_tps": len(prompt) / (first - start), "decode_tps": (n - 1) / (end - first),
             "generated": n, "peak_memory_gb": mx.get_peak_memory() / 1e9,
-            "kernels": decode_step_kernels(model, cache)}
+            "kernels": side.kernels(model, cache)}
 
 
 def run_long_context(side, model, task: dict) -> list[dict]:
@@ -364,7 +390,7 @@ def child(task: dict) -> dict:
         return {"read_gbps": read_bandwidth_gbps(task["gigabytes"])}
     side = SIDE_CLASSES[task["side"]]
     start = time.perf_counter()
-    model = side.load(task["model"], getattr(mx, task["dtype"]) if task["dtype"] else None)
+    model = side.load(task["model"], getattr(mx, task["dtype"]) if task["dtype"] else None, task["threads"])
     result = {"load_s": time.perf_counter() - start}
     if task["kind"] == "generate":
         result.update(run_generation(side, model, task))
@@ -467,7 +493,8 @@ def plan_steps(options: BenchOptions, config: dict, hf: Path, checkpoints: dict[
                             "prompt_tokens": options.prompt_tokens, "decode_tokens": options.decode_tokens,
                             "vocab": config["vocab_size"], "top_k": config["num_experts_per_tok"],
                             "kv_heads": config["num_key_value_heads"], "head_dim": config["head_dim"],
-                            "contexts": list(options.contexts), "context_steps": options.context_steps}
+                            "contexts": list(options.contexts), "context_steps": options.context_steps,
+                            "threads": options.threads}
                     steps.append((f"{kind}, {bits}-bit experts, {side} ({dtype or 'default dtype'}), "
                                   f"repeat {repeat + 1}", lambda task=task: {"run": {**task, **run_child(task)}}))
     for repeat in range(options.repeats if options.convert else 0):
@@ -524,7 +551,8 @@ def check_options(o: BenchOptions) -> None:
     """Bad sizes fail here, in one line, before minutes of checkpoint writing."""
     for name, value, least in (("--layers", o.layers, 1), ("--prompt-tokens", o.prompt_tokens, 1),
                                ("--decode-tokens", o.decode_tokens, 2), ("--repeats", o.repeats, 1),
-                               ("--context-steps", o.context_steps, 1)):
+                               ("--context-steps", o.context_steps, 1),
+                               ("--threads", 1 if o.threads is None else o.threads, 1)):
         if value < least:
             raise QwenMLXError(f"{name} must be at least {least}, got {value}")
     if not o.bits or any(b not in EXPERT_BITS for b in o.bits):
@@ -558,7 +586,10 @@ NOTES = [
     "greedy, no detokenizer), timed identically: prefill until the first token, decode over the rest.",
     "Kernels: primitives in the graph of one decode step's logits over a warm cache, from mx.export_to_dot, "
     f"views left out ({', '.join(sorted(VIEWS))}). On the CPU, mx.fast.rms_norm/rope/sdpa appear as their "
-    "decomposed fallbacks, so these counts are higher than on Metal; 'distinct' is the number of primitive kinds.",
+    "decomposed fallbacks, so these counts are higher than on Metal; 'distinct' is the number of primitive kinds. "
+    "Counted with each matmul whole, as on a GPU; 'with the CPU split' is the graph run here.",
+    "Threads: on the CPU qwenmlx splits each large matmul (by output rows; the experts by token-expert pairs) "
+    "over one stream per core, as MLX runs each matmul on a single thread; mlx-lm runs them one at a time.",
     "Long context: caches filled directly with random keys/values through each cache's write path "
     "(no prefill), then single-token decode steps timed; the rotating cache's window is the context length.",
     "Bandwidth bound: bytes of weights one token reads (attention, router, norms, lm_head, top-8 experts, "
@@ -607,15 +638,17 @@ def result_tables(result: dict, markdown: bool = False) -> list:
                 f"{result['read_bandwidth_gbps']:.1f} GB/s",
                 ["experts", "side", "dtype", "decode tok/s", "prefill tok/s", "load (s)", "peak RSS (GB)",
                  "MLX peak (GB)", "MB read/token", "bound tok/s", "of bound"])
-    kernels = table("Kernels per decoded token (views left out; CPU: fast ops as their fallbacks)",
-                    ["experts", "side", "dtype", "total", "per layer", "embed+norm+lm_head", "distinct"])
+    kernels = table("Kernels per decoded token (views left out; CPU: fast ops as their fallbacks; "
+                    "matmuls whole, as on a GPU)",
+                    ["experts", "side", "dtype", "total", "per layer", "embed+norm+lm_head", "distinct",
+                     "with the CPU split"])
     for r in result["generation"]:
         gen.add_row(f"{r['bits']}-bit", r["side"], r["dtype"], f"{r['decode_tps']:.2f}", f"{r['prefill_tps']:.2f}",
                     f"{r['load_s']:.1f}", f"{r['peak_rss_gb']:.2f}", f"{r['peak_memory_gb']:.2f}",
                     f"{r['bytes_per_token'] / 1e6:.0f}", f"{r['bound_tps']:.1f}", f"{r['fraction_of_bound']:.0%}")
         k = r["kernels"]
         kernels.add_row(f"{r['bits']}-bit", r["side"], r["dtype"], str(k["total"]), f"{k['per_layer']:.1f}",
-                        str(k["head"]), str(k["distinct"]))
+                        str(k["head"]), str(k["distinct"]), str(k["cpu_total"]))
     out = [gen, kernels]
     if result["long_context"]:
         lc = table(f"Long context: caches filled with random keys/values, {o['context_steps']} decode steps timed",

@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten
 from .config import ModelConfig, read_config
 from .errors import QwenMLXError
 from .model import Model
+from .parallel import Cores
 from .tokenizer import Tokenizer
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.tiktoken", "*.txt"]
@@ -194,8 +195,12 @@ def load_model(
     rope_scaling: dict | None = None,
     dtype: mx.Dtype | None = None,
     lazy: bool = False,
+    threads: int | None = None,
 ) -> tuple[Model, Path]:
-    """Build the model its config.json describes and fill it from the checkpoint's safetensors."""
+    """Build the model its config.json describes and fill it from the checkpoint's safetensors.
+
+    threads: CPU cores the large matmuls are split over (default: all; ignored on a GPU).
+    """
     model_dir = resolve_model_dir(path_or_hub_id)
     config = read_config(model_dir)
     if rope_scaling is not None:
@@ -216,12 +221,14 @@ def load_model(
             mx.eval(layer.parameters())
         mx.eval(model.parameters())
     model.eval()
+    model.use_cores(Cores.for_device(threads))
     return model, model_dir
 
 
-def load(path_or_hub_id: str | Path, *, rope_scaling: dict | None = None, dtype: mx.Dtype | None = None):
+def load(path_or_hub_id: str | Path, *, rope_scaling: dict | None = None, dtype: mx.Dtype | None = None,
+         threads: int | None = None):
     """(model, tokenizer) from a local dir or a Hub id; rope_scaling overrides the config's (e.g. YaRN factor 4)."""
-    model, model_dir = load_model(path_or_hub_id, rope_scaling=rope_scaling, dtype=dtype)
+    model, model_dir = load_model(path_or_hub_id, rope_scaling=rope_scaling, dtype=dtype, threads=threads)
     return model, Tokenizer.from_dir(model_dir)
 
 

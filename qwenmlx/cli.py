@@ -64,7 +64,7 @@ def info(model: str = typer.Argument(..., help="Model directory or Hugging Face 
 DEFAULT_MODEL = "Qwen/Qwen3-30B-A3B"
 
 
-def load_for_generation(model: str):
+def load_for_generation(model: str, threads: int | None = None):
     """(model, tokenizer); the default model only from the local Hugging Face cache, never a silent 60 GB download."""
     from pathlib import Path
 
@@ -81,7 +81,7 @@ def load_for_generation(model: str):
                 f"`huggingface-cli download {DEFAULT_MODEL}` (about 61 GB), or convert it to MLX with "
                 "`qwenmlx convert`, and pass --model DIR"
             ) from None
-    return load(model)
+    return load(model, threads=threads)
 
 
 def sampling_options(temp, top_p, top_k, min_p, presence_penalty, repetition_penalty, seed) -> dict:
@@ -99,6 +99,8 @@ REPETITION_OPTION = typer.Option(None, "--repetition-penalty")
 SEED_OPTION = typer.Option(None, "--seed")
 BUDGET_OPTION = typer.Option(None, "--thinking-budget", help="Close the thought after this many tokens.")
 PREFILL_OPTION = typer.Option(None, "--prefill-step", help="Prompt tokens per prefill chunk (default: from free memory).")
+THREADS_OPTION = typer.Option(None, "--threads",
+                              help="CPU cores the large matmuls are split over (default: all; a GPU ignores it).")
 
 @app.command()
 @user_errors
@@ -111,6 +113,7 @@ def generate(prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt,
              min_p: float = MIN_P_OPTION, presence_penalty: float = PRESENCE_OPTION,
              repetition_penalty: float = REPETITION_OPTION, seed: int = SEED_OPTION,
              thinking_budget: int = BUDGET_OPTION, prefill_step: int = PREFILL_OPTION,
+             threads: int = THREADS_OPTION,
              json_output: bool = typer.Option(False, "--json", help="Print JSON with the text, token counts, speeds.")):
     """One answer to one prompt, for scripts: the text on stdout (or JSON)."""
     import json
@@ -118,7 +121,7 @@ def generate(prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt,
     from .generate import default_sampling, stream_generate
 
     text = sys.stdin.read() if prompt == "-" else prompt
-    llm, tokenizer = load_for_generation(model)
+    llm, tokenizer = load_for_generation(model, threads)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     tokens = tokenizer.apply_chat_template(messages, enable_thinking=think, tokenize=True)
     sampling = default_sampling(think, tokenizer.generation_config, **sampling_options(
@@ -151,13 +154,13 @@ def chat(model: str = MODEL_OPTION,
          temp: float = TEMP_OPTION, top_p: float = TOP_P_OPTION, top_k: int = TOP_K_OPTION,
          min_p: float = MIN_P_OPTION, presence_penalty: float = PRESENCE_OPTION,
          repetition_penalty: float = REPETITION_OPTION, seed: int = SEED_OPTION,
-         thinking_budget: int = BUDGET_OPTION, prefill_step: int = PREFILL_OPTION):
+         thinking_budget: int = BUDGET_OPTION, prefill_step: int = PREFILL_OPTION, threads: int = THREADS_OPTION):
     """Chat in the terminal, with thinking, prompt reuse across turns and /commands (/help)."""
     from .chat import ChatSession
     from .chat_terminal import ChatTerminal
 
     with console.status(f"loading {model}"):
-        llm, tokenizer = load_for_generation(model)
+        llm, tokenizer = load_for_generation(model, threads)
     session = ChatSession(llm, tokenizer, system=system, thinking=think, max_kv_size=max_kv_size, kv_bits=kv_bits,
                           max_tokens=max_tokens, thinking_budget=thinking_budget, prefill_step=prefill_step,
                           **sampling_options(temp, top_p, top_k, min_p, presence_penalty, repetition_penalty, seed))
@@ -402,6 +405,7 @@ def summarize(
     out: str | None = typer.Option(None, "--out", help="Also write the summary to this file."),
     think: bool = typer.Option(False, "--think/--no-think", help="Let the model think first (not part of the summary)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead; no progress bars."),
+    threads: int = THREADS_OPTION,
 ):
     """Summarise a file of any length: in one pass, with YaRN when needed, or in parts (map-reduce)."""
     import json
@@ -421,7 +425,7 @@ def summarize(
     if document.note and not json_output:
         stderr.print(f"[yellow]note:[/yellow] {document.note}", highlight=False, soft_wrap=True)
     with stderr.status(f"loading {model}", spinner="dots") if not json_output else nullcontext():
-        llm, tokenizer = load_for_generation(model)
+        llm, tokenizer = load_for_generation(model, threads)
     progress = None if json_output else SummaryBars()
     try:
         summary = summarize_document(llm, tokenizer, document, options, progress=progress)
@@ -454,6 +458,7 @@ def bench(
     default_dtypes: bool = typer.Option(True, "--default-dtypes/--no-default-dtypes",
                                         help="Also run mlx-lm at its own default dtype (bf16: slow on a CPU)."),
     convert: bool = typer.Option(True, "--convert/--no-convert", help="Also compare the two converters."),
+    threads: int = typer.Option(None, "--threads", help="qwenmlx's CPU cores (default: all)."),
     quick: bool = typer.Option(False, "--quick", help="A few minutes: 32+16 tokens, 4-bit, 8K only, no bf16, "
                                                       "no conversion (explicit options still apply)."),
     config: str = typer.Option(None, "--config", help="config.json whose shapes the synthetic model takes "
@@ -481,7 +486,8 @@ def bench(
         raise QwenMLXError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
     values = dict(layers=layers, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
                   bits=numbers(bits, "--bits"), repeats=repeats, contexts=numbers(contexts, "--contexts"),
-                  context_steps=context_steps, dtype=dtype, default_dtypes=default_dtypes, convert=convert)
+                  context_steps=context_steps, dtype=dtype, default_dtypes=default_dtypes, convert=convert,
+                  threads=threads)
     if quick:  # the preset, then whatever was given explicitly
         values = {**QUICK, **{k: v for k, v in values.items()
                               if ctx.get_parameter_source(k).name != "DEFAULT"}}

@@ -12,6 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelConfig
+from .parallel import NO_CORES, Cores
 from .rope import RoPE
 
 
@@ -47,14 +48,17 @@ def fuse_gate_up(block: nn.Module) -> None:
         del block.gate_proj, block.up_proj
 
 
-def gate_and_up(block: nn.Module, *args) -> tuple[mx.array, mx.array]:
+def gate_and_up(block: nn.Module, project) -> tuple[mx.array, mx.array]:
+    """The gate and up projections, through project(layer), from one fused layer where there is one."""
     if "gate_up_proj" in block:
-        return mx.split(block.gate_up_proj(*args), 2, axis=-1)
-    return block.gate_proj(*args), block.up_proj(*args)
+        return mx.split(project(block.gate_up_proj), 2, axis=-1)
+    return project(block.gate_proj), project(block.up_proj)
 
 
 class Attention(nn.Module):
     """Grouped-query attention with per-head RMSNorm on q and k before RoPE."""
+
+    cores = NO_CORES  # where the projections are split (see parallel.py)
 
     def __init__(self, c: ModelConfig, rope: RoPE):
         super().__init__()
@@ -88,9 +92,9 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array, cache: Any | None = None) -> mx.array:
         B, L, _ = x.shape
         if "qkv_proj" in self:
-            qkv = self.qkv_proj(x)
+            qkv = self.cores.rows(self.qkv_proj, x)
         else:
-            qkv = mx.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
+            qkv = mx.concatenate([self.cores.rows(p, x) for p in (self.q_proj, self.k_proj, self.v_proj)], axis=-1)
         heads = qkv.reshape(B, L, -1, self.head_dim).transpose(0, 2, 1, 3)  # [B, q|k|v heads, L, head_dim]
         n_qk = self.n_heads + self.n_kv_heads
         # q and k: normalised per head, then rotated, each in one call over both.
@@ -103,11 +107,13 @@ class Attention(nn.Module):
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         else:
             out = cache.attend(q, k, v, self.scale, self.rope)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return self.cores.rows(self.o_proj, out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
 class MLP(nn.Module):
     """SwiGLU feed-forward of the dense layers."""
+
+    cores = NO_CORES
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -116,7 +122,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(swiglu(*gate_and_up(self, x)))
+        hidden = swiglu(*gate_and_up(self, lambda layer: self.cores.rows(layer, x)))
+        return self.cores.rows(self.down_proj, hidden)
 
 
 class ExpertLinear(nn.Module):
@@ -154,6 +161,8 @@ class QuantizedExpertLinear(nn.Module):
 class ExpertsSwiGLU(nn.Module):
     """The experts of one MoE layer: SwiGLU through gather matmuls, tokens sorted by expert for prefill."""
 
+    cores = NO_CORES  # the (token, expert) pairs are split over its streams
+
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int):
         super().__init__()
         self.gate_proj = ExpertLinear(hidden_size, intermediate_size, num_experts)
@@ -164,20 +173,20 @@ class ExpertsSwiGLU(nn.Module):
         """x: [..., hidden], expert_ids: [..., k] -> [..., k, hidden]."""
         k = expert_ids.shape[-1]
         # Many tokens: group rows by expert so each expert's weights are read once, as one large matmul.
-        sort = expert_ids.size >= 64
-        if sort:
+        if expert_ids.size >= 64:
             flat_ids = expert_ids.flatten()
             order = mx.argsort(flat_ids)
             rows = x.reshape(-1, 1, x.shape[-1])[order // k]
             ids = flat_ids[order]
-        else:
-            rows, ids = mx.expand_dims(x, (-2, -3)), expert_ids
-        out = self.down_proj(swiglu(*gate_and_up(self, rows, ids, sort)), ids, sort)
-        if sort:
-            out = out[mx.argsort(order)].reshape(*expert_ids.shape, -1)
-        else:
-            out = out.squeeze(-2)
-        return out
+            out = self.cores.blocks(ids.size, lambda a, b: self._swiglu(rows[a:b], ids[a:b], True), axis=0)
+            return out[mx.argsort(order)].reshape(*expert_ids.shape, -1)
+        rows = mx.expand_dims(x, (-2, -3))
+        out = self.cores.blocks(k, lambda a, b: self._swiglu(rows, expert_ids[..., a:b], False), axis=-3)
+        return out.squeeze(-2)
+
+    def _swiglu(self, rows: mx.array, ids: mx.array, sorted_ids: bool) -> mx.array:
+        hidden = swiglu(*gate_and_up(self, lambda layer: layer(rows, ids, sorted_ids)))
+        return self.down_proj(hidden, ids, sorted_ids)
 
 
 class SparseMoeBlock(nn.Module):
@@ -233,6 +242,8 @@ class Qwen3Body(nn.Module):
 class Model(nn.Module):
     """Qwen3ForCausalLM / Qwen3MoeForCausalLM; parameter names follow mlx-lm so its checkpoints load as they are."""
 
+    cores = NO_CORES
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -250,6 +261,12 @@ class Model(nn.Module):
         for layer in self.layers:
             layer.fuse()
         return self
+
+    def use_cores(self, cores: Cores) -> None:
+        """Split the large matmuls over these streams (one per CPU core); NO_CORES runs each as one kernel."""
+        for module in self.modules():
+            if isinstance(module, (Attention, MLP, ExpertsSwiGLU, Model)):
+                module.cores = cores
 
     @property
     def layers(self) -> list[DecoderLayer]:
@@ -269,5 +286,5 @@ class Model(nn.Module):
             h = layer(h, cache[i] if cache is not None else None)
         h = self.model.norm(h)
         if self.config.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
+            return self.cores.rows(self.model.embed_tokens, h, "as_linear")
+        return self.cores.rows(self.lm_head, h)

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from qwenmlx.bench import REAL_CONFIG, BenchOptions, decode_step_kernels, result_tables, run_bench
 from qwenmlx.cli import app
 from qwenmlx.config import config_from_dict
+from qwenmlx.parallel import cpu_threads
 
 # Qwen3-30B-A3B's config with every size shrunk (group-64 quantization still divides every input width).
 TINY = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8,
@@ -73,6 +74,8 @@ def test_run_bench_result_shape(tmp_path):
     for row in result["generation"]:
         assert row["decode_tps"] > 0 and row["prefill_tps"] > 0 and row["peak_rss_gb"] > 0
         assert 0 < row["kernels"]["per_layer"] < row["kernels"]["total"]
+        split = row["side"] == "qwenmlx" and cpu_threads() > 1  # its experts' pairs split over the streams
+        assert (row["kernels"]["cpu_total"] > row["kernels"]["total"]) == split
         assert row["bytes_per_token"] > 0 and row["fraction_of_bound"] > 0
     assert {(r["side"], r["cache"]) for r in result["long_context"]} == {
         (side, kind) for side in ("qwenmlx", "mlx-lm") for kind in ("growing", "rotating", "8-bit")}

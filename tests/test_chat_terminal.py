@@ -10,8 +10,10 @@ PROMPT = ">>> "
 
 
 def start_chat(model_dir, *options) -> pexpect.spawn:
+    # codec_errors: the terminal echoes ^C wherever it lands, even inside a character's UTF-8 bytes.
     child = pexpect.spawn(sys.executable, ["-m", "qwenmlx", "chat", "--model", str(model_dir), "--temp", "0", *options],
-                          encoding="utf-8", timeout=30, dimensions=(40, 200), env={"TERM": "xterm", "PYTHONPATH": "."})
+                          encoding="utf-8", codec_errors="replace", timeout=30, dimensions=(40, 200),
+                          env={"TERM": "xterm", "PYTHONPATH": "."})
     child.expect("qwenmlx chat")
     child.expect_exact(PROMPT)
     return child
