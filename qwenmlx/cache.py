@@ -15,6 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .errors import QwenMLXError
+from .parallel import NO_CORES, Cores
 
 SUPPORTED_KV_BITS = (4, 8)
 
@@ -35,10 +36,14 @@ class KVCache:
         self.buffers: list[mx.array] | None = None
         self.offset = 0  # tokens held; also the RoPE position of the next token
 
-    def attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float, rope) -> mx.array:
-        """Store the new tokens (q and k already rotated at positions offset...), attend causally over everything held."""
+    def attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float, rope,
+               cores: Cores = NO_CORES) -> mx.array:
+        """Store the new tokens (q and k already rotated at positions offset...), attend causally over everything held.
+
+        cores: streams over which groups of KV heads (with their query heads) are attended side by side.
+        """
         self.store(keys, values)
-        return self._attention(queries, scale)
+        return self._attention(queries, scale, cores)
 
     def store(self, keys: mx.array, values: mx.array) -> None:
         """Append keys/values after what is held (no eviction: the caller keeps within max_size)."""
@@ -94,13 +99,20 @@ class KVCache:
         for buffer, part in zip(self.buffers, parts):
             buffer[..., start : start + part.shape[2], :] = part
 
-    def _attention(self, queries: mx.array, scale: float) -> mx.array:
+    def _attention(self, queries: mx.array, scale: float, cores: Cores) -> mx.array:
         """Attention of the last L tokens over all offset held; the causal mask is aligned to the last key."""
         held = self.state
         mask = "causal" if queries.shape[2] > 1 else None
-        if self.bits is None:
-            return mx.fast.scaled_dot_product_attention(queries, *held, scale=scale, mask=mask)
-        return quantized_attention(queries, held[:3], held[3:], scale, mask, self.group_size, self.bits)
+        n_kv_heads = held[0].shape[1]
+        group = queries.shape[1] // n_kv_heads  # query heads per KV head
+
+        def kv_heads(start: int, stop: int) -> mx.array:
+            q, kv = queries[:, start * group : stop * group], [a[:, start:stop] for a in held]
+            if self.bits is None:
+                return mx.fast.scaled_dot_product_attention(q, *kv, scale=scale, mask=mask)
+            return quantized_attention(q, kv[:3], kv[3:], scale, mask, self.group_size, self.bits)
+
+        return cores.blocks(n_kv_heads, kv_heads, axis=1)
 
     def describe(self) -> dict:
         return {"type": type(self).__name__, "offset": self.offset, "bits": self.bits, "group_size": self.group_size}
@@ -122,7 +134,8 @@ class RotatingKVCache(KVCache):
         # Evicting a quarter of the window at a time pays re-rotation once per that many tokens.
         self.evict = evict or max(1, (max_size - keep) // 4)
 
-    def attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float, rope) -> mx.array:
+    def attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float, rope,
+               cores: Cores = NO_CORES) -> mx.array:
         outputs, start, L, shifted = [], 0, keys.shape[2], 0
         while start < L:
             if self.offset == self.max_size:
@@ -133,7 +146,7 @@ class RotatingKVCache(KVCache):
             q, k = queries[:, :, piece], keys[:, :, piece]
             if shifted:  # this piece moves down with the tokens kept, as single-token decode would place it
                 q, k = shift_positions(q, -shifted, rope), shift_positions(k, -shifted, rope)
-            outputs.append(super().attend(q, k, values[:, :, piece], scale, rope))
+            outputs.append(super().attend(q, k, values[:, :, piece], scale, rope, cores))
             start += n
         return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
 

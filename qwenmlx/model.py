@@ -106,7 +106,7 @@ class Attention(nn.Module):
             mask = "causal" if L > 1 else None
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         else:
-            out = cache.attend(q, k, v, self.scale, self.rope)
+            out = cache.attend(q, k, v, self.scale, self.rope, self.cores)
         return self.cores.rows(self.o_proj, out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 

@@ -7,6 +7,7 @@ nothing is split there and the graph stays what it is.
 """
 
 import copy
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ class Cores:
             raise QwenMLXError(f"--threads must be at least 1, got {threads}")
         if mx.default_device() != mx.cpu or threads == 1:
             return cls()
-        return cls(tuple(mx.new_stream(mx.cpu) for _ in range(threads)))
+        return cls(cpu_streams(threads))
 
     def blocks(self, n: int, block: Callable[[int, int], mx.array], axis: int) -> mx.array:
         """block(start, stop) over contiguous blocks of range(n), each on its own stream, joined along axis."""
@@ -62,6 +63,12 @@ class Cores:
 
 
 NO_CORES = Cores()
+
+
+@functools.cache
+def cpu_streams(n: int) -> tuple[mx.Stream, ...]:
+    """n CPU streams, made once per process (each has a thread of its own) and shared by every model loaded."""
+    return tuple(mx.new_stream(mx.cpu) for _ in range(n))
 
 
 def output_rows(layer: nn.Module, start: int, stop: int) -> nn.Module:

@@ -13,9 +13,9 @@ from tests.checkpoints import MODEL_VARIANTS
 from tests.test_bench import tiny_models
 
 
-def prefill_and_decode(model, tokens: np.ndarray) -> list[mx.array]:
+def prefill_and_decode(model, tokens: np.ndarray, **cache_options) -> list[mx.array]:
     """Logits of a prompt (sorted experts' path), then of three single tokens through the cache."""
-    cache = make_cache(model)
+    cache = make_cache(model, **cache_options)
     out = [model(mx.array(tokens[:, :-3]), cache)]
     out += [model(mx.array(tokens[:, i : i + 1]), cache) for i in range(tokens.shape[1] - 3, tokens.shape[1])]
     mx.eval(out)
@@ -27,12 +27,12 @@ def every_matmul_split(n_streams: int) -> Cores:
     return Cores(tuple(mx.new_stream(mx.cpu) for _ in range(n_streams)), min_rows=1)
 
 
-def assert_same_with_and_without_split(model, tokens: np.ndarray) -> None:
+def assert_same_with_and_without_split(model, tokens: np.ndarray, **cache_options) -> None:
     model.use_cores(NO_CORES)
-    whole = prefill_and_decode(model, tokens)
+    whole = prefill_and_decode(model, tokens, **cache_options)
     for n_streams in (2, 3):  # 3: blocks of unequal size
         model.use_cores(every_matmul_split(n_streams))
-        for a, b in zip(whole, prefill_and_decode(model, tokens)):
+        for a, b in zip(whole, prefill_and_decode(model, tokens, **cache_options)):
             assert mx.array_equal(a, b).item()
 
 
@@ -43,10 +43,12 @@ def test_splitting_over_streams_gives_bitwise_the_same_logits(checkpoint_dir, va
     assert_same_with_and_without_split(model, tokens)
 
 
-def test_splitting_quantized_projections_and_experts_gives_bitwise_the_same_logits():
+@pytest.mark.parametrize("cache_options", [{}, {"max_kv_size": 24}, {"kv_bits": 8}, {"max_kv_size": 24, "kv_bits": 4}],
+                         ids=["growing", "rotating", "8-bit", "rotating-4-bit"])
+def test_splitting_quantized_projections_experts_and_heads_gives_bitwise_the_same_logits(cache_options):
     model = tiny_models(2)[0]
     tokens = np.random.default_rng(5).integers(0, 512, (1, 40))
-    assert_same_with_and_without_split(model, tokens)
+    assert_same_with_and_without_split(model, tokens, **cache_options)
 
 
 def test_the_cpu_splits_over_every_core_by_default_and_one_thread_splits_nothing(moe_dir):
