@@ -1,5 +1,9 @@
 """Splitting matmuls over CPU streams (qwenmlx/parallel.py) changes no number, and is on by default on the CPU."""
 
+import json
+import subprocess
+import sys
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -64,3 +68,13 @@ def test_zero_threads_is_a_one_line_error(moe_dir):
     result = CliRunner().invoke(app, ["generate", "-m", str(moe_dir), "-p", "hi", "--threads", "0"])
     assert result.exit_code == 1
     assert result.output.strip() == "error: --threads must be at least 1, got 0"
+
+
+def test_profile_decode_times_each_part_on_one_stream_and_on_every_core(moe_dir):
+    result = subprocess.run([sys.executable, "scripts/profile_decode.py", str(moe_dir), "--context", "16",
+                             "--repeats", "1", "--json"], capture_output=True, text=True, check=True)
+    timings = json.loads(result.stdout)
+    assert list(timings) == ["one stream", "split over the cores"]
+    for parts in timings.values():
+        assert {"q|k|v projection", "mlp (router + experts)", "final norm + lm_head", "whole step"} <= set(parts)
+        assert all(seconds > 0 for seconds in parts.values())
