@@ -1,9 +1,9 @@
 """Every CPU core at work: MLX's CPU backend runs each matmul on one thread, but each stream has a thread of its own.
 
 On the CPU the large projections (q|k|v, o, the dense MLP, lm_head) are computed in blocks of output rows,
-and the experts' work in blocks of (token, expert) pairs, one block per stream, then joined. It is exact:
-every output is the same dot product either way. On a GPU one kernel already fills the device, so
-nothing is split there and the graph stays what it is.
+the experts' work in blocks of (token, expert) pairs and attention over the KV cache in groups of KV heads,
+one block per stream, then joined. It is exact: every output is the same dot product either way. On a GPU
+one kernel already fills the device, so nothing is split there and the graph stays what it is.
 """
 
 import copy
