@@ -23,7 +23,7 @@ DEMO_PROMPT := Explain in one paragraph how a mixture-of-experts layer routes a 
 # The whole pipeline offline on a tiny random-weight model: build, convert (experts-4), summarise, generate.
 demo:
 	@echo "== The demo model has RANDOM weights: everything it writes is noise. Only the pipeline is shown. =="
-	$(PY) scripts/make_tiny_checkpoint.py $(DEMO) --max-position-embeddings 1024
+	$(PY) scripts/make_tiny_checkpoint.py $(DEMO) --max-position-embeddings 1024 --force
 	$(PY) -m qwenmlx convert $(DEMO) $(DEMO)-experts-4 --recipe experts-4 --group-size 32 --force
 	$(PY) -m qwenmlx summarize tests/fixtures/documents/qwen3-moe-architecture.md --model $(DEMO)-experts-4 --max-tokens 48
 	cat tests/fixtures/documents/*.md | $(PY) -m qwenmlx summarize - --model $(DEMO)-experts-4 --style bullets --max-tokens 48

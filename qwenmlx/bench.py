@@ -30,6 +30,15 @@ from pathlib import Path
 
 import numpy as np
 
+from .destinations import (
+    check_output_file,
+    check_replaceable,
+    mark_written,
+    new_directory,
+    prepare_directory,
+    remove_output,
+    resolve,
+)
 from .errors import QwenMLXError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,9 +141,6 @@ def bench_config(path: Path, layers: int) -> dict:
 
 def write_synthetic_checkpoint(dst: Path, config: dict) -> None:
     """A bf16 Hugging Face checkpoint of random weights with the config's shapes, in 2 GB shards."""
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     shards, size = [{}], 0
     for name, shape in hf_tensor_shapes(config).items():
         n_bytes = 2 * int(np.prod(shape))
@@ -145,14 +151,14 @@ def write_synthetic_checkpoint(dst: Path, config: dict) -> None:
         size += n_bytes
     rng = np.random.default_rng(0)
     weight_map = {}
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_shard(tmp / name, shard, rng)
-        weight_map.update(dict.fromkeys(shard, name))
-    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    write_stub_tokenizer(tmp)
-    tmp.rename(dst)
+    with new_directory(prepare_directory(dst)) as tmp:
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            write_shard(tmp / name, shard, rng)
+            weight_map.update(dict.fromkeys(shard, name))
+        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        write_stub_tokenizer(tmp)
 
 
 def synthetic_checkpoints(options: BenchOptions) -> tuple[Path, dict[int, Path]]:
@@ -501,8 +507,12 @@ def plan_steps(options: BenchOptions, config: dict, hf: Path, checkpoints: dict[
         for side in SIDES if repeat % 2 == 0 else SIDES[::-1]:
             def convert_once(side=side):
                 dst = options.workdir / f"converted-{side}"
-                shutil.rmtree(dst, ignore_errors=True)
-                return {"conversion": {"side": side, **measure_command(conversion_commands(hf, dst)[side])}}
+                remove_output(dst)  # the last run's: the converters write only into a new directory
+                try:
+                    return {"conversion": {"side": side, **measure_command(conversion_commands(hf, dst)[side])}}
+                finally:
+                    if dst.is_dir():  # mlx-lm writes no manifest: the next run's remove_output needs one
+                        mark_written(dst)
 
             steps.append((f"convert, {side}, repeat {repeat + 1}", convert_once))
     return steps
@@ -561,9 +571,36 @@ def check_options(o: BenchOptions) -> None:
         raise QwenMLXError(f"--contexts must exceed --context-steps + 1, got {o.contexts}")
 
 
+def is_bench_result(path: Path) -> bool:
+    """Whether path holds what an earlier run wrote to -o (so a rerun may replace it)."""
+    try:
+        if path.stat().st_size > 10**7:
+            return False
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(result, dict) and {"machine", "options", "generation"} <= result.keys()
+
+
+def check_results_file(path: str | Path, config: Path) -> Path:
+    """-o/--output, checked before minutes of work: never the --config file, an existing file only if it is an
+    earlier result (a rerun refreshes bench.json, and nothing else is overwritten)."""
+    return check_output_file(path, inputs={"--config file": config}, force=is_bench_result(resolve(path)),
+                             if_exists="it is not an earlier bench result, so choose another --output")
+
+
+def check_workdir(options: BenchOptions) -> None:
+    """What the run will write into --workdir: refused now, not after minutes of work, if it cannot."""
+    if options.workdir.exists() and not options.workdir.is_dir():
+        raise QwenMLXError(f"{options.workdir}: --workdir is not a directory")
+    for side in SIDES if options.convert else ():
+        check_replaceable(resolve(options.workdir / f"converted-{side}"))
+
+
 def run_bench(options: BenchOptions, on_step: Callable[[str, int, int], None] = lambda *_: None) -> dict:
     """Measure everything the options ask for; on_step(label, done, total) reports progress. Returns plain data."""
     check_options(options)
+    check_workdir(options)
     if options.convert and shutil.which("/usr/bin/time") is None:
         raise QwenMLXError("bench: the conversion benchmark needs GNU time (/usr/bin/time); pass --no-convert")
     options.workdir.mkdir(parents=True, exist_ok=True)

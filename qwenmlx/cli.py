@@ -168,6 +168,7 @@ def chat(model: str = MODEL_OPTION,
 
 
 CHECK_PROMPT = "Explain in two sentences why the sky is blue."
+FORCE_HELP = "Replace DST if it is a model directory qwenmlx wrote (never the source, nor anything else)."
 
 
 def _write_with_progress(plan, dst: str, force: bool, quiet: bool):
@@ -186,9 +187,19 @@ def _write_with_progress(plan, dst: str, force: bool, quiet: bool):
 
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=stderr, disable=quiet) as progress:
-        task = progress.add_task(f"writing {len(plan.steps)} tensors", total=plan.total_bytes)
-        return write_model(plan, dst, force=force, on_progress=lambda n: progress.advance(task, n))
+    progress = Progress(*columns, console=stderr, disable=quiet)
+    task = progress.add_task(f"writing {len(plan.steps)} tensors", total=plan.total_bytes)
+
+    def advance(n: int) -> None:
+        progress.start()  # at the first bytes: a refused destination is one error line, no bar
+        progress.advance(task, n)
+
+    try:
+        return write_model(plan, dst, force=force, on_progress=advance,
+                           on_note=lambda message: stderr.print(f"[yellow]note:[/yellow] {message}",
+                                                                highlight=False, soft_wrap=True))
+    finally:
+        progress.stop()
 
 
 def _kinds_table(title: str, kinds: list[dict]):
@@ -263,7 +274,7 @@ def convert(
     dtype: str = typer.Option("bfloat16", "--dtype", help="Float dtype of what stays unquantized (and scales)."),
     plan: bool = typer.Option(False, "--plan", help="Write nothing; print the size and the memory needed."),
     context: int = typer.Option(32768, "--context", help="Context length the --plan memory figures assume."),
-    force: bool = typer.Option(False, "--force", help="Replace DST if it exists and is not empty."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     dequantize: bool = typer.Option(False, "--dequantize", help="Dequantize an already-quantized SRC first."),
     check: bool = typer.Option(False, "--check", help="Compare the logits of SRC and DST on a prompt."),
     prompt: str = typer.Option(CHECK_PROMPT, "--prompt", help="Prompt that --check runs."),
@@ -285,7 +296,7 @@ def quantize(
     recipe: str = typer.Option(..., "--recipe", help="Quantization recipe: a built-in name or a .toml file."),
     group_size: int = typer.Option(64, "--group-size", help="Group size of affine quantization: 32, 64 or 128."),
     dtype: str = typer.Option("bfloat16", "--dtype", help="Float dtype of what stays unquantized (and scales)."),
-    force: bool = typer.Option(False, "--force", help="Replace DST if it exists and is not empty."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     dequantize: bool = typer.Option(False, "--dequantize",
                                     help="Accept an already-quantized SRC: dequantize it first (errors compound)."),
     check: bool = typer.Option(False, "--check", help="Compare the logits of SRC and DST on a prompt."),
@@ -380,20 +391,6 @@ def _closing_line(summary) -> str:
     )
 
 
-def _write_atomically(path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename it into place: never a half-written file."""
-    import os
-    import tempfile
-
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise QwenMLXError(f"{path}: cannot write ({e.strerror})") from None
-
-
 @app.command()
 @user_errors
 def summarize(
@@ -403,6 +400,7 @@ def summarize(
     style: str = typer.Option("brief", "--style", help="brief, detailed or bullets."),
     lang: str = typer.Option("auto", "--lang", help="Language of the summary: auto (the document's), en, zh, ..."),
     out: str | None = typer.Option(None, "--out", help="Also write the summary to this file."),
+    force: bool = typer.Option(False, "--force", help="Replace the --out file if it exists (never an input)."),
     think: bool = typer.Option(False, "--think/--no-think", help="Let the model think first (not part of the summary)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead; no progress bars."),
     threads: int = THREADS_OPTION,
@@ -412,15 +410,18 @@ def summarize(
     from contextlib import nullcontext
     from pathlib import Path
 
+    from .destinations import check_output_file, write_text_atomically
     from .documents import read_document
     from .summarize import SummaryOptions
     from .summarize import summarize as summarize_document
 
     options = SummaryOptions(style=style, lang=lang, max_tokens=max_tokens, think=think)
     options.check()
-    out = Path(out) if out else None
-    if out is not None and not out.parent.is_dir():
-        raise QwenMLXError(f"{out}: cannot write (no directory {out.parent})")
+    if out is not None:
+        inputs = {"document": Path(file)} if file != "-" else {}
+        if Path(model).expanduser().exists():
+            inputs["model directory"] = Path(model)
+        out = check_output_file(out, inputs=inputs, force=force)
     document = read_document(file)
     if document.note and not json_output:
         stderr.print(f"[yellow]note:[/yellow] {document.note}", highlight=False, soft_wrap=True)
@@ -433,7 +434,7 @@ def summarize(
         if progress is not None and not progress.streaming:
             progress.close()
     if out is not None:
-        _write_atomically(out, summary.text + "\n")
+        write_text_atomically(out, summary.text + "\n")
     if json_output:
         facts = {"file": document.name, "kind": document.kind, "encoding": document.encoding,
                  "decoded_with_fallback": document.decoded_with_fallback, "model": model, **summary.to_dict()}
@@ -464,7 +465,8 @@ def bench(
     config: str = typer.Option(None, "--config", help="config.json whose shapes the synthetic model takes "
                                                       "(default: Qwen3-30B-A3B's)."),
     workdir: str = typer.Option(None, "--workdir", help="Where the synthetic checkpoints are written and kept."),
-    output: str = typer.Option("bench.json", "--output", "-o", help="JSON file of the results."),
+    output: str = typer.Option("bench.json", "--output", "-o",
+                               help="JSON file of the results (replaces only an earlier one)."),
     markdown: bool = typer.Option(False, "--markdown", help="Draw the tables as Markdown (for the README)."),
     json_output: bool = typer.Option(False, "--json", help="Print JSON instead of tables; no progress bar."),
 ):
@@ -474,7 +476,8 @@ def bench(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .bench import QUICK, BenchOptions, result_tables, run_bench
+    from .bench import QUICK, BenchOptions, check_results_file, result_tables, run_bench
+    from .destinations import resolve, write_text_atomically
 
     def numbers(text: str, option: str) -> tuple[int, ...]:
         try:
@@ -493,15 +496,23 @@ def bench(
                               if ctx.get_parameter_source(k).name != "DEFAULT"}}
     options = BenchOptions(**values)
     if workdir:
-        options.workdir = Path(workdir)
+        options.workdir = resolve(workdir)  # the converters run in their own working directory
     if config:
         options.config = Path(config)
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=stderr, disable=json_output) as progress:
-        task = progress.add_task("bench", total=None)
-        result = run_bench(options, lambda label, done, total: progress.update(
-            task, description=label, completed=done, total=total))
-    Path(output).write_text(json.dumps(result, indent=2))
+    results_file = check_results_file(output, options.config)
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=stderr, disable=json_output)
+    task = progress.add_task("bench", total=None)
+
+    def on_step(label: str, done: int, total: int) -> None:
+        progress.start()  # after run_bench's checks: a refused option or path is one error line, no bar
+        progress.update(task, description=label, completed=done, total=total)
+
+    try:
+        result = run_bench(options, on_step)
+    finally:
+        progress.stop()
+    write_text_atomically(results_file, json.dumps(result, indent=2))
     if json_output:
         print(json.dumps(result, indent=2))
         return

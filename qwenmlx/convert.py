@@ -8,7 +8,8 @@ BLOCK_BYTES of a larger matrix. Quantization works row by row, so the blocks giv
 bytes that quantizing the whole tensor gives, and memory stays at a few blocks whatever the model.
 
 The output is what mlx-lm writes (stacked experts, its config.json `quantization` section), so
-mlx_lm.load reads it too. It is written into a temporary sibling of DST and renamed at the end.
+mlx_lm.load reads it too. It is written into a temporary sibling of DST and renamed at the end; what DST
+may be, and what --force may replace, is decided by destinations.py.
 """
 
 import json
@@ -32,6 +33,7 @@ from quantize import dequantize as dequantize_parts
 from .cache import kv_cache_bytes, kv_elements_per_token
 from .checkpoint import check_weights, expert_stacks, is_dropped, resolve_model_dir, safetensors_header, weight_files
 from .config import ModelConfig, read_config
+from .destinations import new_directory, prepare_directory
 from .errors import QwenMLXError
 from .model import Model
 
@@ -453,77 +455,53 @@ def copy_side_files(src: Path, dst: Path) -> None:
             shutil.copy(path, dst / path.name)
 
 
-def check_destination(dst: Path, force: bool) -> None:
-    if dst.exists() and not force:
-        if not dst.is_dir():
-            raise QwenMLXError(f"{dst}: exists and is not a directory (pass --force to replace it)")
-        if any(dst.iterdir()):
-            raise QwenMLXError(f"{dst}: directory is not empty (pass --force to replace it)")
-
-
 def check_disk_space(dst: Path, needed: int) -> None:
     parent = dst.parent
     while not parent.exists():
         parent = parent.parent
     free = shutil.disk_usage(parent).free
     if free < needed:
+        digits = next(d for d in range(2, 10) if f"{needed / 1e9:.{d}f}" != f"{free / 1e9:.{d}f}")
         raise QwenMLXError(f"{parent}: not enough free disk space for {dst.name}: "
-                           f"needs {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
-
-
-def _replace(tmp: Path, dst: Path) -> None:
-    """Move the finished tmp dir to dst; an existing dst (allowed by --force) goes only once tmp is complete."""
-    if not dst.exists():
-        tmp.rename(dst)
-        return
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    dst.rename(old)
-    tmp.rename(dst)
-    if old.is_dir():
-        shutil.rmtree(old)
-    else:
-        old.unlink()
+                           f"needs {needed / 1e9:.{digits}f} GB, {free / 1e9:.{digits}f} GB free")
 
 
 def write_model(plan: ConversionPlan, dst: str | Path, *, force: bool = False,
-                on_progress: Callable[[int], None] = lambda n: None) -> ConversionReport:
-    """Write the planned model into dst atomically (temp sibling dir, renamed at the end) and report on it."""
-    dst = Path(dst).expanduser()
-    check_destination(dst, force)
-    check_disk_space(dst, plan.total_bytes)
+                on_progress: Callable[[int], None] = lambda n: None,
+                on_note: Callable[[str], None] = lambda message: None) -> ConversionReport:
+    """Write the planned model into dst atomically (temp sibling dir, renamed at the end) and report on it.
+
+    dst is never the source, nor holds it, nor lies inside it; an existing one is replaced only with force,
+    and only if qwenmlx wrote it (see destinations). on_note hears of dead runs' leftovers cleared beside it."""
+    target = prepare_directory(dst, inputs={"source": plan.src}, force=force, on_note=on_note)
+    check_disk_space(target, plan.total_bytes)
     start = time.perf_counter()
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
     kinds = kind_summaries(plan.steps)
     try:
-        tmp.mkdir()
-        weight_map = {}
-        for i, steps in enumerate(plan.shards):
-            name = plan.shard_name(i)
-            _write_shard(tmp / name, steps, plan.dtype, kinds, on_progress)
-            weight_map.update({t.name: name for step in steps for t in step.outputs.values()})
-        index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
-        (tmp / "config.json").write_text(json.dumps(output_config(plan), indent=4))
-        copy_side_files(plan.src, tmp)
-        _replace(tmp, dst)
+        with new_directory(target) as tmp:
+            weight_map = {}
+            for i, steps in enumerate(plan.shards):
+                name = plan.shard_name(i)
+                _write_shard(tmp / name, steps, plan.dtype, kinds, on_progress)
+                weight_map.update({t.name: name for step in steps for t in step.outputs.values()})
+            index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
+            (tmp / "config.json").write_text(json.dumps(output_config(plan), indent=4))
+            copy_side_files(plan.src, tmp)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise QwenMLXError(f"{dst}: writing failed ({e.strerror or e}); nothing was left behind") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return ConversionReport(dst, plan.recipe.name if plan.recipe else "unquantized", plan.total_bytes,
-                            sum(k.elements for k in kinds.values()), len(weight_map),
+    return ConversionReport(Path(dst).expanduser(), plan.recipe.name if plan.recipe else "unquantized",
+                            plan.total_bytes, sum(k.elements for k in kinds.values()), len(weight_map),
                             len(plan.shards), time.perf_counter() - start, list(kinds.values()))
 
 
 def convert(src: str | Path, dst: str | Path, recipe: Recipe | None = None, *, dtype: mx.Dtype = mx.bfloat16,
             force: bool = False, dequantize: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
-            on_progress: Callable[[int], None] = lambda n: None) -> ConversionReport:
+            on_progress: Callable[[int], None] = lambda n: None,
+            on_note: Callable[[str], None] = lambda message: None) -> ConversionReport:
     """Convert (and quantize per `recipe`, or keep in `dtype`) a checkpoint into an MLX model dir."""
     plan = plan_conversion(src, recipe, dtype, dequantize=dequantize, max_shard_bytes=max_shard_bytes)
-    return write_model(plan, dst, force=force, on_progress=on_progress)
+    return write_model(plan, dst, force=force, on_progress=on_progress, on_note=on_note)
 
 
 def memory_plan(plan: ConversionPlan, context: int) -> dict:

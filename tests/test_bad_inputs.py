@@ -23,9 +23,53 @@ class Row:
     stdin: bytes | None = None
 
 
+DOCUMENT = b"# Notes\n\nA mixture-of-experts layer routes each token to a few of its experts.\n"
+
 ROWS = [
     # --- destinations: what a command may replace ---
     Row("convert-onto-missing-source", ("convert", "{tmp}/nope", "{tmp}/out"), "nope"),
+    Row("convert-onto-its-source", ("convert", "{model}", "{model}"), "is the source"),
+    Row("convert-onto-its-source-with-force", ("convert", "{model}", "{model}", "--force"), "is the source"),
+    Row("convert-onto-its-source-with-a-trailing-slash", ("convert", "{model}", "{model}/", "--force"), "is the source"),
+    Row("convert-onto-its-source-spelled-with-dot", ("convert", "{model}", "{model}/.", "--force"), "is the source"),
+    Row("convert-onto-its-source-spelled-with-dot-dot", ("convert", "{model}", "{model}/x/..", "--force"),
+        "is the source"),
+    Row("convert-onto-the-parent-of-its-source", ("convert", "{model}", "{model}/..", "--force"),
+        "contains the source"),
+    Row("convert-into-its-source", ("convert", "{model}", "{model}/mlx"), "is inside the source"),
+    Row("quantize-onto-its-source", ("quantize", "{model}", "{model}/", "--recipe", "q8", "--group-size", "32",
+                                     "--force"), "is the source"),
+    Row("quantize-onto-the-parent-of-its-source", ("quantize", "{model}", "{model}/..", "--recipe", "q8",
+                                                   "--group-size", "32", "--force"), "contains the source"),
+    Row("convert-force-onto-a-directory-qwenmlx-did-not-write", ("convert", "{model}", "{tmp}/photos", "--force"),
+        "cat.jpg", files={"photos/cat.jpg": b"\xff\xd8\xff"}),
+    Row("convert-force-onto-a-hugging-face-checkpoint", ("convert", "{model}", "{tmp}/hf", "--force"),
+        "no finished .qwenmlx.json", files={"hf/config.json": b"{}", "hf/model.safetensors": b"weights"}),
+    Row("convert-force-onto-a-qwenmlx-output-with-a-file-added", ("convert", "{model}", "{tmp}/out", "--force"),
+        "notes.md", files={"out/.qwenmlx.json": b'{"written_by": "qwenmlx", "pid": 1, "files": ["config.json"]}',
+                           "out/config.json": b"{}", "out/notes.md": b"mine"}),
+    Row("convert-force-onto-a-file", ("convert", "{model}", "{tmp}/notes.txt", "--force"), "not a directory",
+        files={"notes.txt": b"mine"}),
+    Row("summarize-out-onto-its-document", ("summarize", "{tmp}/doc.md", "-m", "{model}", "--out", "{tmp}/doc.md"),
+        "is the document", files={"doc.md": DOCUMENT}),
+    Row("summarize-out-onto-its-document-spelled-with-dot", ("summarize", "{tmp}/doc.md", "-m", "{model}",
+                                                             "--out", "{tmp}/./doc.md", "--force"),
+        "is the document", files={"doc.md": DOCUMENT}),
+    Row("summarize-out-onto-a-file-of-the-model", ("summarize", "{tmp}/doc.md", "-m", "{model}",
+                                                   "--out", "{model}/config.json", "--force"),
+        "is inside the model directory", files={"doc.md": DOCUMENT}),
+    Row("summarize-out-onto-a-directory", ("summarize", "{tmp}/doc.md", "-m", "{model}", "--out", "{tmp}"),
+        "is a directory", files={"doc.md": DOCUMENT}),
+    Row("summarize-out-onto-an-existing-file", ("summarize", "{tmp}/doc.md", "-m", "{model}", "--out", "{tmp}/old.md"),
+        "exists; pass --force", files={"doc.md": DOCUMENT, "old.md": b"mine"}),
+    Row("bench-output-onto-its-config", ("bench", "--config", "{tmp}/c.json", "--workdir", "{tmp}/w",
+                                         "-o", "{tmp}/c.json"), "is the --config file", files={"c.json": b"{}"}),
+    Row("bench-output-onto-a-file-it-did-not-write", ("bench", "--config", "{tmp}/c.json", "--workdir", "{tmp}/w",
+                                                      "-o", "{tmp}/notes.md"),
+        "not an earlier bench result", files={"c.json": b"{}", "notes.md": b"mine"}),
+    Row("bench-workdir-holding-a-directory-it-did-not-write", ("bench", "--config", "{tmp}/c.json",
+                                                               "--workdir", "{tmp}", "-o", "{tmp}/b.json"),
+        "photo.jpg", files={"c.json": b"{}", "converted-qwenmlx/photo.jpg": b"mine"}),
     # --- chat sessions ---
     # --- options and config values ---
     Row("generate-threads-zero", ("generate", "-m", "{model}", "-p", "hi", "--threads", "0"), "--threads"),

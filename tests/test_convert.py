@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -289,16 +290,18 @@ def test_an_interrupted_force_overwrite_keeps_the_old_destination(source, conver
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
-def test_force_replaces_a_non_empty_destination(source, tmp_path):
+def test_force_replaces_an_earlier_output_and_nothing_else(source, converted, tmp_path):
     dst = tmp_path / "out"
-    dst.mkdir()
-    (dst / "old.txt").write_text("old")
-    with pytest.raises(QwenMLXError, match="not empty.*--force"):
-        convert(source, dst, get_recipe("q8", GROUP_SIZE))
-    assert (dst / "old.txt").exists()
-    convert(source, dst, get_recipe("q8", GROUP_SIZE), force=True)
-    assert not (dst / "old.txt").exists() and (dst / "config.json").exists()
+    shutil.copytree(converted("q8"), dst)
+    with pytest.raises(QwenMLXError, match=r"holds an earlier qwenmlx output \(pass --force to replace it\)"):
+        convert(source, dst, get_recipe("q4", GROUP_SIZE))
+    convert(source, dst, get_recipe("q4", GROUP_SIZE), force=True)
+    assert json.loads((dst / "config.json").read_text())["quantization"]["bits"] == 4
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    (dst / "old.txt").write_text("mine")
+    with pytest.raises(QwenMLXError, match="holds old.txt, which qwenmlx did not write"):
+        convert(source, dst, get_recipe("q8", GROUP_SIZE), force=True)
+    assert (dst / "old.txt").read_text() == "mine"
 
 
 def test_empty_destination_dir_is_used(source, tmp_path):
@@ -324,6 +327,16 @@ def test_not_enough_disk_space_is_refused_with_the_amount_needed(source, tmp_pat
     with pytest.raises(QwenMLXError, match=r"needs 0\.01 GB, 0\.00 GB free"):
         convert(source, tmp_path / "out", get_recipe("q4", GROUP_SIZE))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_disk_space_refusal_prints_enough_digits_to_tell_the_amounts_apart(source, tmp_path, monkeypatch):
+    needed = plan_conversion(source, get_recipe("q4", GROUP_SIZE)).total_bytes
+    free = needed - 10**6
+    monkeypatch.setattr(conversion.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, free))
+    with pytest.raises(QwenMLXError) as refusal:
+        convert(source, tmp_path / "out", get_recipe("q4", GROUP_SIZE))
+    needs, has = re.search(r"needs (\S+) GB, (\S+) GB free", str(refusal.value)).groups()
+    assert float(needs) > float(has)
 
 
 @pytest.mark.parametrize("toml, message", [
