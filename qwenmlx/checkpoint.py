@@ -36,6 +36,8 @@ def resolve_model_dir(path_or_hub_id: str | Path) -> Path:
             raise QwenMLXError(f"{path}: not a directory (a model is a directory with config.json and *.safetensors)")
         return path
     repo_id = str(path_or_hub_id)
+    if repo_id.startswith((".", "~")) or path.is_absolute() or "\\" in repo_id:  # a path, never a Hub id
+        raise QwenMLXError(f"{repo_id}: no such directory")
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
         raise QwenMLXError(f"{repo_id}: no such directory, and not a Hugging Face repo id (owner/name)")
     from huggingface_hub import snapshot_download
