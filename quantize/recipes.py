@@ -102,6 +102,14 @@ class Recipe:
             return ROUTER_PARAMS
         return self.default
 
+    def check_layers(self, num_layers: int) -> None:
+        """Every layer a rule names is one of the model's (a rule for a layer it lacks would quietly do nothing)."""
+        for rule in self.rules:
+            missing = [i for i in rule.layers if i >= num_layers] if isinstance(rule.layers, tuple) else []
+            if missing:
+                raise QwenMLXError(f"recipe {self.name}: the rule {rule.pattern!r} names layer {missing[0]}, but the "
+                                   f"model has {num_layers} layers (0 to {num_layers - 1})")
+
 
 def _uniform(bits: int):
     def build(group_size: int) -> Recipe:
@@ -171,14 +179,18 @@ def get_recipe(name_or_file: str, group_size: int = DEFAULT_GROUP_SIZE) -> Recip
 def read_recipe_file(path: Path) -> Recipe:
     """A TOML recipe: an optional [default] table and [[rules]] (pattern, bits/group_size/mode or keep, layers)."""
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise QwenMLXError(f"{path}: cannot read recipe ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise QwenMLXError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); a recipe is a TOML file") from None
     except tomllib.TOMLDecodeError as e:
         raise QwenMLXError(f"{path}: not valid TOML ({e})") from None
     try:
         _check_keys(raw, {"description", "default", "rules"}, "top level")
         default = _params(raw["default"], "[default]") if "default" in raw else None
+        if not isinstance(raw.get("rules", []), list):
+            raise QwenMLXError("rules must be an array of tables ([[rules]])")
         rules = tuple(_rule(r, f"rules[{i}]") for i, r in enumerate(raw.get("rules", [])))
     except QwenMLXError as e:
         raise QwenMLXError(f"{path}: {e}") from None
@@ -215,8 +227,8 @@ def _rule(table: dict, where: str) -> Rule:
         raise QwenMLXError(f"{where}: bad pattern {table['pattern']!r} ({e})") from None
     layers = table.get("layers")
     if layers is not None and layers != "sensitive":
-        if not (isinstance(layers, list) and all(isinstance(i, int) for i in layers)):
-            raise QwenMLXError(f"{where}: layers must be \"sensitive\" or a list of layer indices")
+        if not (isinstance(layers, list) and all(isinstance(i, int) and i >= 0 for i in layers)):
+            raise QwenMLXError(f"{where}: layers must be \"sensitive\" or a list of layer indices (0, 1, ...)")
         layers = tuple(layers)
     if table.get("keep"):
         if _PARAM_KEYS & set(table):

@@ -4,7 +4,7 @@ import mlx.core as mx
 
 from qwenmlx.errors import QwenMLXError
 
-from .recipes import QuantParams
+from .recipes import AFFINE_GROUP_SIZES, QuantParams
 
 
 def quantized_shapes(name: str, shape: tuple[int, ...], params: QuantParams,
@@ -17,7 +17,7 @@ def quantized_shapes(name: str, shape: tuple[int, ...], params: QuantParams,
     *lead, out_dims, in_dims = shape
     if in_dims % params.group_size:
         raise QwenMLXError(f"{name}: group size {params.group_size} does not divide its input dimension "
-                           f"{in_dims} (shape {tuple(shape)})")
+                           f"{in_dims} (shape {tuple(shape)}); {_group_size_advice(in_dims, params)}")
     if (in_dims * params.bits) % 32:
         raise QwenMLXError(f"{name}: {params.bits}-bit packing needs the input dimension {in_dims} "
                            "to fill whole 32-bit words")
@@ -29,6 +29,14 @@ def quantized_shapes(name: str, shape: tuple[int, ...], params: QuantParams,
     else:
         parts["scales"] = (scale_shape, mx.uint8)
     return parts
+
+
+def _group_size_advice(in_dims: int, params: QuantParams) -> str:
+    """Which group size would divide in_dims, or how to keep the weight unquantized instead."""
+    fits = " or ".join(str(g) for g in AFFINE_GROUP_SIZES if in_dims % g == 0)
+    if params.mode == "affine" and fits:
+        return f"--group-size {fits} would (group_size in a recipe file)"
+    return "no group size fits it: keep it unquantized with a recipe rule (keep = true)"
 
 
 def quantize(w: mx.array, params: QuantParams) -> dict[str, mx.array]:

@@ -128,8 +128,8 @@ class RotatingKVCache(KVCache):
     def __init__(self, max_size: int, keep: int = 4, bits: int | None = None, group_size: int = 64,
                  evict: int | None = None):
         super().__init__(bits, group_size)
-        if max_size <= keep:
-            raise QwenMLXError(f"--max-kv-size {max_size}: must exceed the {keep} kept (sink) tokens")
+        if not isinstance(max_size, int) or max_size <= keep:
+            raise QwenMLXError(f"--max-kv-size must exceed the {keep} kept (sink) tokens, got {max_size!r}")
         self.max_size, self.keep = max_size, keep
         # Evicting a quarter of the window at a time pays re-rotation once per that many tokens.
         self.evict = evict or max(1, (max_size - keep) // 4)
@@ -214,7 +214,7 @@ def make_cache(model, max_kv_size: int | None = None, kv_bits: int | None = None
                keep: int = 4) -> list[KVCache]:
     """One cache per decoder layer, in the order model(tokens, cache) expects."""
     group_size = kv_group_size(model.config.head_dim) if kv_bits else 64
-    if max_kv_size:
+    if max_kv_size is not None:
         return [RotatingKVCache(max_kv_size, keep, kv_bits, group_size) for _ in model.layers]
     return [KVCache(kv_bits, group_size) for _ in model.layers]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .cache import load_caches, make_cache, save_caches
 from .errors import QwenMLXError
-from .generate import Stats, Step, default_sampling, stream_generate
+from .generate import Stats, Step, check_generation, default_sampling, stream_generate
 
 ANSWER_ROOM = 1024  # tokens kept free for the answer when deciding whether the history still fits
 
@@ -44,6 +44,7 @@ class ChatSession:
     def __init__(self, model, tokenizer, *, system: str | None = None, thinking: bool = True,
                  max_kv_size: int | None = None, kv_bits: int | None = None, max_tokens: int = 4096,
                  thinking_budget: int | None = None, prefill_step: int | None = None, **sampling):
+        check_generation(max_tokens, thinking_budget, prefill_step, **sampling)
         self.model, self.tokenizer = model, tokenizer
         self.thinking, self.max_tokens, self.thinking_budget = thinking, max_tokens, thinking_budget
         self.max_kv_size, self.kv_bits, self.prefill_step = max_kv_size, kv_bits, prefill_step

@@ -36,6 +36,8 @@ def resolve_model_dir(path_or_hub_id: str | Path) -> Path:
             raise QwenMLXError(f"{path}: not a directory (a model is a directory with config.json and *.safetensors)")
         return path
     repo_id = str(path_or_hub_id)
+    if repo_id.startswith((".", "~")) or path.is_absolute() or "\\" in repo_id:  # a path, never a Hub id
+        raise QwenMLXError(f"{repo_id}: no such directory")
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
         raise QwenMLXError(f"{repo_id}: no such directory, and not a Hugging Face repo id (owner/name)")
     from huggingface_hub import snapshot_download
@@ -227,9 +229,14 @@ def load_model(
 
 def load(path_or_hub_id: str | Path, *, rope_scaling: dict | None = None, dtype: mx.Dtype | None = None,
          threads: int | None = None):
-    """(model, tokenizer) from a local dir or a Hub id; rope_scaling overrides the config's (e.g. YaRN factor 4)."""
-    model, model_dir = load_model(path_or_hub_id, rope_scaling=rope_scaling, dtype=dtype, threads=threads)
-    return model, Tokenizer.from_dir(model_dir)
+    """(model, tokenizer) from a local dir or a Hub id; rope_scaling overrides the config's (e.g. YaRN factor 4).
+
+    The tokenizer comes first: a broken tokenizer or chat template is reported before any weight is read.
+    """
+    model_dir = resolve_model_dir(path_or_hub_id)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    model, _ = load_model(model_dir, rope_scaling=rope_scaling, dtype=dtype, threads=threads)
+    return model, tokenizer
 
 
 def describe_model(path_or_hub_id: str | Path) -> dict:

@@ -5,6 +5,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import QwenMLXError
 
@@ -32,7 +33,7 @@ def user_errors(command):
         except QwenMLXError as e:
             if DEBUG:
                 raise
-            stderr.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            stderr.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
             sys.exit(1)
 
     return wrapper
@@ -89,6 +90,15 @@ def sampling_options(temp, top_p, top_k, min_p, presence_penalty, repetition_pen
                 repetition_penalty=repetition_penalty, seed=seed)
 
 
+def check_threads(threads: int | None) -> None:
+    """--threads checked before any model is loaded; more than the cores is capped, with a note."""
+    from .parallel import thread_count
+
+    _, note = thread_count(threads)
+    if note:
+        stderr.print(f"[yellow]note:[/yellow] {note}", highlight=False, soft_wrap=True)
+
+
 MODEL_OPTION = typer.Option(DEFAULT_MODEL, "--model", "-m", help="MLX or Hugging Face model directory, or a Hub id.")
 TEMP_OPTION = typer.Option(None, "--temp", help="Temperature; 0 is greedy. Default: Qwen's guidance for the mode.")
 TOP_P_OPTION = typer.Option(None, "--top-p")
@@ -100,7 +110,7 @@ SEED_OPTION = typer.Option(None, "--seed")
 BUDGET_OPTION = typer.Option(None, "--thinking-budget", help="Close the thought after this many tokens.")
 PREFILL_OPTION = typer.Option(None, "--prefill-step", help="Prompt tokens per prefill chunk (default: from free memory).")
 THREADS_OPTION = typer.Option(None, "--threads",
-                              help="CPU cores the large matmuls are split over (default: all; a GPU ignores it).")
+                              help="CPU cores the large matmuls are split over (default and most: all; a GPU ignores it).")
 
 @app.command()
 @user_errors
@@ -118,14 +128,16 @@ def generate(prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt,
     """One answer to one prompt, for scripts: the text on stdout (or JSON)."""
     import json
 
-    from .generate import default_sampling, stream_generate
+    from .generate import check_generation, default_sampling, prompt_messages, stream_generate
 
+    options = sampling_options(temp, top_p, top_k, min_p, presence_penalty, repetition_penalty, seed)
+    check_generation(max_tokens, thinking_budget, prefill_step, **options)
+    check_threads(threads)
     text = sys.stdin.read() if prompt == "-" else prompt
+    messages = prompt_messages(text, system)
     llm, tokenizer = load_for_generation(model, threads)
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     tokens = tokenizer.apply_chat_template(messages, enable_thinking=think, tokenize=True)
-    sampling = default_sampling(think, tokenizer.generation_config, **sampling_options(
-        temp, top_p, top_k, min_p, presence_penalty, repetition_penalty, seed))
+    sampling = default_sampling(think, tokenizer.generation_config, **options)
     pieces, stats = [], None
     for step in stream_generate(llm, tokenizer, tokens, sampling=sampling, max_tokens=max_tokens,
                                 thinking_budget=thinking_budget, prefill_step=prefill_step):
@@ -158,12 +170,15 @@ def chat(model: str = MODEL_OPTION,
     """Chat in the terminal, with thinking, prompt reuse across turns and /commands (/help)."""
     from .chat import ChatSession
     from .chat_terminal import ChatTerminal
+    from .generate import check_generation
 
+    options = sampling_options(temp, top_p, top_k, min_p, presence_penalty, repetition_penalty, seed)
+    check_generation(max_tokens, thinking_budget, prefill_step, **options)
+    check_threads(threads)
     with console.status(f"loading {model}"):
         llm, tokenizer = load_for_generation(model, threads)
     session = ChatSession(llm, tokenizer, system=system, thinking=think, max_kv_size=max_kv_size, kv_bits=kv_bits,
-                          max_tokens=max_tokens, thinking_budget=thinking_budget, prefill_step=prefill_step,
-                          **sampling_options(temp, top_p, top_k, min_p, presence_penalty, repetition_penalty, seed))
+                          max_tokens=max_tokens, thinking_budget=thinking_budget, prefill_step=prefill_step, **options)
     ChatTerminal(session, console, plain=plain, hide_thinking=hide_thinking).run()
 
 
@@ -417,6 +432,7 @@ def summarize(
 
     options = SummaryOptions(style=style, lang=lang, max_tokens=max_tokens, think=think)
     options.check()
+    check_threads(threads)
     if out is not None:
         inputs = {"document": Path(file)} if file != "-" else {}
         if Path(model).expanduser().exists():
@@ -487,6 +503,7 @@ def bench(
 
     if dtype not in ("float32", "bfloat16", "float16"):
         raise QwenMLXError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    check_threads(threads)
     values = dict(layers=layers, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
                   bits=numbers(bits, "--bits"), repeats=repeats, contexts=numbers(contexts, "--contexts"),
                   context_steps=context_steps, dtype=dtype, default_dtypes=default_dtypes, convert=convert,

@@ -1,11 +1,13 @@
 """The model's config.json, read into a dataclass and checked before any weight is touched."""
 
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from .errors import QwenMLXError
+from .rope import rope_type
 
 SUPPORTED_MODEL_TYPES = ("qwen3_moe", "qwen3")
 
@@ -104,7 +106,7 @@ def _check_shapes(c: ModelConfig, source: str) -> None:
         raise QwenMLXError(f"{source}: field '{name}' {why}")
 
     for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "head_dim", "intermediate_size"):
+                 "num_key_value_heads", "head_dim", "intermediate_size", "max_position_embeddings"):
         if not isinstance(getattr(c, name), int) or getattr(c, name) <= 0:
             fail(name, f"must be a positive integer, got {getattr(c, name)!r}")
     if c.num_attention_heads % c.num_key_value_heads:
@@ -122,8 +124,31 @@ def _check_shapes(c: ModelConfig, source: str) -> None:
             fail("decoder_sparse_step", f"must be a positive integer, got {c.decoder_sparse_step!r}")
     else:
         c.num_experts = 0
-    if c.rope_scaling is not None and not isinstance(c.rope_scaling, dict):
-        fail("rope_scaling", f"must be an object or null, got {c.rope_scaling!r}")
+    if not _positive_number(c.rope_theta):
+        fail("rope_theta", f"must be a positive number, got {c.rope_theta!r}")
+    if not _positive_number(c.rms_norm_eps):
+        fail("rms_norm_eps", f"must be a positive number, got {c.rms_norm_eps!r}")
+    if c.rope_scaling is not None:
+        _check_rope_scaling(c.rope_scaling, fail)
+
+
+def _positive_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def _check_rope_scaling(scaling: Any, fail) -> None:
+    """The YaRN settings Qwen publishes (transformers reads them the same way); plain RoPE needs none."""
+    if not isinstance(scaling, dict):
+        fail("rope_scaling", f"must be an object or null, got {scaling!r}")
+    kind = rope_type(scaling)
+    if kind not in ("default", "yarn"):
+        fail("rope_scaling", f"has rope_type {kind!r}; qwenmlx supports yarn")
+    factor = scaling.get("factor")
+    if factor is not None and not (_positive_number(factor) and factor >= 1):
+        fail("rope_scaling", f"has YaRN factor {factor!r}; it must be a number >= 1")
+    original = scaling.get("original_max_position_embeddings")
+    if original is not None and (isinstance(original, bool) or not isinstance(original, int) or original <= 0):
+        fail("rope_scaling", f"has original_max_position_embeddings {original!r}; it must be a positive integer")
 
 
 def read_config(model_dir: Path) -> ModelConfig:

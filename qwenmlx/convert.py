@@ -280,6 +280,8 @@ def plan_conversion(src: str | Path, recipe: Recipe | None, dtype: mx.Dtype = mx
     raw_config = json.loads((src / "config.json").read_text())
     weights = source_weights(stored_tensors(src), config, raw_config, dequantize)
     check_weights(Model(config), {w.name: w for w in weights}, src)
+    if recipe is not None:
+        recipe.check_layers(config.num_hidden_layers)
 
     steps = []
     for w in weights:
@@ -292,6 +294,9 @@ def plan_conversion(src: str | Path, recipe: Recipe | None, dtype: mx.Dtype = mx
             outputs = {suffix: OutputTensor(f"{module}.{suffix}", shape, part_dtype)
                        for suffix, (shape, part_dtype) in quantized_shapes(w.name, w.shape, params, dtype).items()}
         steps.append(Step(w, params, outputs))
+    if recipe is not None and all(step.params is None for step in steps):
+        raise QwenMLXError(f"recipe {recipe.name}: quantizes nothing in {src} (no rule gives bits to any of its "
+                           "weights, and there is no [default])")
 
     shards: list[list[Step]] = []
     shard_bytes = 0
@@ -506,6 +511,8 @@ def convert(src: str | Path, dst: str | Path, recipe: Recipe | None = None, *, d
 
 def memory_plan(plan: ConversionPlan, context: int) -> dict:
     """What `--plan` prints: the size on disk and the memory to run it at a context length."""
+    if context < 1:
+        raise QwenMLXError(f"--context must be at least 1, got {context}")
     kinds = kind_summaries(plan.steps)
     elements = sum(k.elements for k in kinds.values())
     kv = kv_cache_bytes(kv_elements_per_token(plan.config), context)  # bf16, as on a Mac

@@ -8,6 +8,7 @@ The decode loop builds step n+1's graph and starts evaluating it (mx.async_eval)
 token n to the caller, so the model keeps working while the caller prints.
 """
 
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -16,6 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 import mlx.core as mx
 
 from .cache import make_cache
+from .errors import QwenMLXError
 
 # Qwen's published text for closing a thought when the thinking budget runs out.
 THINKING_BUDGET_TEXT = (
@@ -24,6 +26,32 @@ THINKING_BUDGET_TEXT = (
 )
 DEFAULT_MAX_PREFILL_STEP = 2048
 MIN_PREFILL_STEP = 128
+
+
+def _finite(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _whole(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+# Each sampling setting: the option that sets it, and what it may be.
+SAMPLING_RULES = {
+    "temperature": ("--temp", "a number >= 0 (0 is greedy)", lambda v: _finite(v) and v >= 0),
+    "top_p": ("--top-p", "in (0, 1]", lambda v: _finite(v) and 0 < v <= 1),
+    "top_k": ("--top-k", "a whole number >= 0 (0: no top-k filter)", lambda v: _whole(v) and v >= 0),
+    "min_p": ("--min-p", "in [0, 1]", lambda v: _finite(v) and 0 <= v <= 1),
+    "presence_penalty": ("--presence-penalty", "a finite number", _finite),
+    "repetition_penalty": ("--repetition-penalty", "a number > 0 (1: none)", lambda v: _finite(v) and v > 0),
+    "seed": ("--seed", "a whole number from 0 to 2**64 - 1", lambda v: v is None or (_whole(v) and 0 <= v < 2**64)),
+}
+
+
+def sampling_problem(name: str, value) -> str | None:
+    """What is wrong with one sampling setting ("must be ..., got ..."), or None."""
+    _, rule, ok = SAMPLING_RULES[name]
+    return None if ok(value) else f"must be {rule}, got {value!r}"
 
 
 @dataclass(frozen=True)
@@ -37,6 +65,12 @@ class Sampling:
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+
+    def __post_init__(self):
+        for name, (option, _, _) in SAMPLING_RULES.items():
+            problem = sampling_problem(name, getattr(self, name))
+            if problem:
+                raise QwenMLXError(f"{option} {problem}")
 
 
 # Qwen3's published guidance per mode.
@@ -57,11 +91,38 @@ def default_sampling(thinking: bool, generation_config: dict | None = None, **ov
     """
     sampling = QWEN_SAMPLING[thinking]
     if thinking and generation_config:
-        known = {k: generation_config[k] for k in ("temperature", "top_p", "top_k", "min_p") if k in generation_config}
+        known = {k: generation_config[k] for k in ("temperature", "top_p", "top_k", "min_p")
+                 if generation_config.get(k) is not None}
         if generation_config.get("do_sample") is False:
             known["temperature"] = 0.0
+        for name, value in known.items():
+            problem = sampling_problem(name, value)
+            if problem:
+                raise QwenMLXError(f"generation_config.json: {name} {problem}")
         sampling = replace(sampling, **known)
     return replace(sampling, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def prompt_messages(text: str, system: str | None = None) -> list[dict]:
+    """A one-turn conversation: the system prompt (none if empty) and the user's text, which must say something."""
+    if not text.strip():
+        raise QwenMLXError("the prompt is empty: give some text with --prompt (or - and text on stdin)")
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+
+
+def check_generation(max_tokens: int, thinking_budget: int | None = None, prefill_step: int | None = None,
+                     **sampling) -> None:
+    """Raise QwenMLXError for a generation setting out of range; the CLI calls it before loading any model.
+
+    thinking_budget 0 closes the thought at once; sampling takes Sampling's fields (None: not given).
+    """
+    if not _whole(max_tokens) or max_tokens < 1:
+        raise QwenMLXError(f"--max-tokens must be at least 1, got {max_tokens!r}")
+    if thinking_budget is not None and (not _whole(thinking_budget) or thinking_budget < 0):
+        raise QwenMLXError(f"--thinking-budget must be 0 (close the thought at once) or more, got {thinking_budget!r}")
+    if prefill_step is not None and (not _whole(prefill_step) or prefill_step < 1):
+        raise QwenMLXError(f"--prefill-step must be at least 1, got {prefill_step!r}")
+    Sampling(**{k: v for k, v in sampling.items() if v is not None})
 
 
 def make_sampler(sampling: Sampling) -> Callable[[mx.array, mx.array], mx.array]:
@@ -223,6 +284,7 @@ def generate_tokens(
     """
     if not prompt_tokens:
         raise ValueError("generate_tokens needs at least one prompt token")
+    check_generation(max_tokens, thinking_budget, prefill_step)
     cache = make_cache(model) if cache is None else cache
     stats = stats if stats is not None else Stats()
     stats.prompt_tokens = len(prompt_tokens)

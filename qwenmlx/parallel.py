@@ -25,6 +25,21 @@ def cpu_threads() -> int:
     return os.cpu_count() or 1
 
 
+def thread_count(threads: int | None = None) -> tuple[int, str | None]:
+    """The threads to run on (default: every core), and a note when more were asked for than there are cores.
+
+    More streams than cores only take turns on the same cores, so the count is capped at the cores.
+    """
+    cores = cpu_threads()
+    if threads is None:
+        return cores, None
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise QwenMLXError(f"--threads must be at least 1, got {threads}")
+    if threads > cores:
+        return cores, f"--threads {threads}: this machine gives qwenmlx {cores} cores, so it uses {cores}"
+    return threads, None
+
+
 @dataclass(frozen=True)
 class Cores:
     """The streams work is spread over; none means one block, as on a GPU."""
@@ -34,10 +49,8 @@ class Cores:
 
     @classmethod
     def for_device(cls, threads: int | None = None) -> "Cores":
-        """One stream per thread (default: every core) on the CPU; none on a GPU or for a single thread."""
-        threads = cpu_threads() if threads is None else threads
-        if threads < 1:
-            raise QwenMLXError(f"--threads must be at least 1, got {threads}")
+        """One stream per thread (default: every core, at most every core) on the CPU; none on a GPU or for one."""
+        threads, _ = thread_count(threads)
         if mx.default_device() != mx.cpu or threads == 1:
             return cls()
         return cls(cpu_streams(threads))

@@ -43,10 +43,6 @@ SCRIPT_LANGUAGES = [
     ("hi", re.compile(r"[\u0900-\u097f]")), ("th", re.compile(r"[\u0e00-\u0e7f]")),
 ]
 LANGUAGE_SAMPLE_CHARS = 20_000
-TOKENIZE_PIECE_CHARS = 32_768
-# Safe cuts for tokenising in pieces: after a line break, before a non-space. No pre-token of Qwen's
-# tokenizer spans one, so the pieces' ids join up to exactly the whole text's ids.
-TOKENIZE_CUTS = re.compile(r"\n(?=\S)")
 SPLIT_MARGIN = 0.98  # part sizes are summed piece by piece; keep a little room for the difference
 PART_SUMMARY_SHARE = 8  # a part's summary gets at most this fraction (1/8) of the native window
 
@@ -140,19 +136,6 @@ class Summary:
         }
 
 
-def encode_in_pieces(tokenizer, text: str, on_progress=None) -> list[int]:
-    """tokenizer.encode(text), a piece at a time so a long text can show progress; the ids are the same."""
-    ids, start = [], 0
-    for cut in [*(m.end() for m in TOKENIZE_CUTS.finditer(text)), len(text)]:
-        if cut - start < TOKENIZE_PIECE_CHARS and cut < len(text):
-            continue
-        ids += tokenizer.encode(text[start:cut])
-        start = cut
-        if on_progress:
-            on_progress(start, len(text))
-    return ids
-
-
 def answer_text(steps: Iterable[Step], on_text=None, on_thinking=None) -> tuple[str, Stats | None]:
     """The answer without its thinking: thinking steps are counted, not kept; leading blank space is dropped."""
     parts, stats, n_thinking = [], None, 0
@@ -202,9 +185,10 @@ class Summarizer:
         """Tokens one generation may produce: the answer, plus as many for thinking and the budget's closing text."""
         return answer_tokens + (answer_tokens + self.budget_text_tokens if self.options.think else 0)
 
-    def prompt(self, instructions: str, text: str) -> str:
+    def prompt(self, instructions: str, text: str, on_progress=None) -> list[int]:
         messages = [{"role": "user", "content": f"{text}\n\n{instructions}"}]
-        return self.tokenizer.apply_chat_template(messages, enable_thinking=self.options.think)
+        return self.tokenizer.apply_chat_template(messages, enable_thinking=self.options.think, tokenize=True,
+                                                  on_progress=on_progress)
 
     def final_instructions(self, from_parts: bool) -> str:
         task = ("The text above is a sequence of summaries of consecutive parts of one document, in order. "
@@ -220,8 +204,7 @@ class Summarizer:
         start = time.perf_counter()
         text = document.text.strip()
         self.language = self.options.language_instruction(text)
-        prompt = encode_in_pieces(self.tokenizer, self.prompt(self.final_instructions(False), text),
-                                  self.progress.tokenizing)
+        prompt = self.prompt(self.final_instructions(False), text, self.progress.tokenizing)
         document_tokens = len(self.tokenizer.encode(text))
         self.seconds["tokenize"] = time.perf_counter() - start
         summary_text = self.summarize_text(text, prompt, level=0)
@@ -243,7 +226,7 @@ class Summarizer:
 
         summaries = self.map_parts(text, level)
         joined = "\n\n".join(f"Part {i} of {len(summaries)}:\n{s}" for i, s in enumerate(summaries, 1))
-        reduce_prompt = self.tokenizer.encode(self.prompt(self.final_instructions(True), joined))
+        reduce_prompt = self.prompt(self.final_instructions(True), joined)
         if len(reduce_prompt) >= len(prompt):
             raise QwenMLXError(
                 f"the part summaries ({len(reduce_prompt):,} tokens) are no shorter than the text they summarise "
@@ -256,7 +239,7 @@ class Summarizer:
         answer_tokens = min(self.options.max_tokens, self.limits.native_context // PART_SUMMARY_SHARE)
         part_context = min(self.limits.native_context, self.limits.longest_context())
         # The prompt around a part, with part numbers as wide as they will plausibly get.
-        overhead = len(self.tokenizer.encode(self.prompt(self.part_instructions(999, 999, level > 0), "")))
+        overhead = len(self.prompt(self.part_instructions(999, 999, level > 0), ""))
         budget = int((part_context - overhead - self.reserved(answer_tokens)) * SPLIT_MARGIN)
         if budget < 2 * answer_tokens:
             raise QwenMLXError(
@@ -268,7 +251,7 @@ class Summarizer:
         for index, piece in enumerate(pieces, 1):
             self.progress.map_step(level, index, len(pieces), piece)
             instructions = self.part_instructions(index, len(pieces), level > 0)
-            prompt = self.tokenizer.encode(self.prompt(instructions, piece.strip()))
+            prompt = self.prompt(instructions, piece.strip())
             plan = choose_strategy(len(prompt), self.reserved(answer_tokens), self.limits)
             assert plan.strategy != MAP_REDUCE and not plan.yarn_factor, f"part {index} should fit one native pass: {plan}"
             summaries.append(self.generate(prompt, plan, answer_tokens, final=False))

@@ -1,24 +1,35 @@
 """Text <-> token ids for a Hugging Face model directory, and chat prompt rendering.
 
 Encoding and decoding are delegated to the `tokenizers` library reading the model's
-tokenizer.json. The chat template is rendered with jinja2 configured exactly as
-transformers configures it, so prompts are byte-identical to what the model saw in
+tokenizer.json. The chat template is rendered with jinja2 configured as transformers
+configures it (chat_template.py), so prompts are byte-identical to what the model saw in
 training-time tooling. Nothing from the model directory is ever executed as Python.
+
+Text from users and documents is only text: a special token written in it (`<|im_start|>`)
+is encoded as the characters it is made of, so a document cannot open a turn of its own.
+Only the markers the chat template itself writes become special tokens.
 """
 
 import json
-from datetime import datetime
+import re
+from collections.abc import Callable
 from pathlib import Path
 
-import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
+from qwenmlx.chat_template import ChatTemplate
 from qwenmlx.errors import QwenMLXError
 
 # The named special tokens transformers hands to chat templates (its SPECIAL_TOKENS_ATTRIBUTES).
 _TEMPLATE_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# While a template renders, a special token written in the messages stands in as a placeholder made of two
+# Unicode noncharacters (reserved for a program's internal use) around its index; put back after rendering.
+PLACEHOLDER_OPEN, PLACEHOLDER_CLOSE = "\ufdd0", "\ufdd1"
+PLACEHOLDER = re.compile(f"{PLACEHOLDER_OPEN}(\\d+){PLACEHOLDER_CLOSE}")
+# Long texts are encoded in pieces, for progress. Safe cuts: after a line break, before a non-space. No
+# pre-token of Qwen's tokenizer spans one, so the pieces' ids join up to exactly the whole text's ids.
+ENCODE_PIECE_CHARS = 32_768
+ENCODE_CUTS = re.compile(r"\n(?=\S)")
 
 
 def _read_json(path: Path) -> dict:
@@ -27,6 +38,8 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise QwenMLXError(f"{path}: invalid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise QwenMLXError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def _token_content(token: str | dict | None) -> str | None:
@@ -34,31 +47,12 @@ def _token_content(token: str | dict | None) -> str | None:
     return token["content"] if isinstance(token, dict) else token
 
 
-def _compile_chat_template(source: str) -> jinja2.Template:
-    """Compile a chat template in the same sandbox, with the same helpers, as transformers."""
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        # Jinja's own tojson escapes HTML characters, which would change the prompt.
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    def strftime_now(format):
-        return datetime.now().strftime(format)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
-    return env.from_string(source)
-
-
 class Tokenizer:
     """A model's tokenizer: encode/decode, stop tokens, and chat template rendering."""
 
     def __init__(self, hf_tokenizer: HFTokenizer, config: dict, chat_template: str | None, generation_config: dict):
         self._tokenizer = hf_tokenizer
+        hf_tokenizer.encode_special_tokens = True  # special tokens written in text are text (see module doc)
         self.generation_config = generation_config
         self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
         self.think_start_id = hf_tokenizer.token_to_id("<think>")
@@ -67,7 +61,15 @@ class Tokenizer:
             name: _token_content(config[name]) for name in _TEMPLATE_SPECIAL_TOKENS if config.get(name) is not None
         }
         self.eos_token_ids = frozenset(self._stop_token_ids())
-        self._chat_template = _compile_chat_template(chat_template) if chat_template is not None else None
+        self._special_ids = {t.content: i for i, t in hf_tokenizer.get_added_tokens_decoder().items() if t.special}
+        # What a placeholder can stand for: a special token, or one of the placeholder's own characters.
+        self._shielded = [*self._special_ids, PLACEHOLDER_OPEN, PLACEHOLDER_CLOSE]
+        self._placeholders = {text: f"{PLACEHOLDER_OPEN}{i}{PLACEHOLDER_CLOSE}" for i, text in enumerate(self._shielded)}
+        self._shielded_pattern = re.compile("|".join(map(re.escape, sorted(self._shielded, key=len, reverse=True))))
+        self._special_pattern = re.compile(
+            "(" + "|".join(map(re.escape, sorted(self._special_ids, key=len, reverse=True))) + ")"
+        ) if self._special_ids else None
+        self._chat_template = ChatTemplate(chat_template) if chat_template is not None else None
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
@@ -86,7 +88,11 @@ class Tokenizer:
         # Like transformers, a standalone chat_template.jinja wins over the one embedded in the config.
         template_file = path / "chat_template.jinja"
         if template_file.is_file():
-            chat_template = template_file.read_text(encoding="utf-8")
+            try:
+                chat_template = template_file.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise QwenMLXError(f"chat template {template_file}: not UTF-8 text ({e.reason} at byte {e.start})"
+                                   ) from None
         else:
             chat_template = config.get("chat_template")
         generation_file = path / "generation_config.json"
@@ -100,9 +106,21 @@ class Tokenizer:
         ids.add(self._tokenizer.token_to_id(self._special_tokens.get("eos_token", "")))
         return ids - {None}
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids for `text`; special tokens written in the text are recognised, no BOS is added."""
-        return self._tokenizer.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, on_progress: Callable[[int, int], None] | None = None) -> list[int]:
+        """Token ids for text; special tokens written in it are text like the rest, no BOS is added.
+
+        A long text is encoded a piece at a time, and on_progress(characters done, characters in all)
+        is called after each piece.
+        """
+        ids, start = [], 0
+        for cut in [*(m.end() for m in ENCODE_CUTS.finditer(text)), len(text)]:
+            if cut - start < ENCODE_PIECE_CHARS and cut < len(text):
+                continue
+            ids += self._tokenizer.encode(text[start:cut], add_special_tokens=False).ids
+            start = cut
+            if on_progress:
+                on_progress(start, len(text))
+        return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -115,22 +133,53 @@ class Tokenizer:
         enable_thinking: bool = True,
         tools: list[dict] | None = None,
         tokenize: bool = False,
+        on_progress: Callable[[int, int], None] | None = None,
     ) -> str | list[int]:
-        """Render a conversation into the prompt format the model was trained on."""
+        """Render a conversation into the prompt format the model was trained on (its ids, with tokenize).
+
+        Only the template's own markers become special tokens. on_progress: as for encode, over the whole prompt.
+        """
         if self._chat_template is None:
             raise QwenMLXError("this model has no chat template (no chat_template.jinja or tokenizer_config.json entry)")
-        try:
-            prompt = self._chat_template.render(
-                **self._special_tokens,
-                messages=messages,
-                tools=tools,
-                documents=None,  # transformers always passes it; some templates test `documents is not none`
-                add_generation_prompt=add_generation_prompt,
-                enable_thinking=enable_thinking,
-            )
-        except jinja2.exceptions.TemplateError as e:
-            raise QwenMLXError(f"chat template: {e}") from None
-        return self.encode(prompt) if tokenize else prompt
+        prompt = self._chat_template.render(
+            **self._special_tokens,
+            messages=self._shield(messages),
+            tools=self._shield(tools),
+            documents=None,  # transformers always passes it; some templates test `documents is not none`
+            add_generation_prompt=add_generation_prompt,
+            enable_thinking=enable_thinking,
+        )
+        if not prompt:
+            raise QwenMLXError("chat template: renders nothing for these messages")
+        return self._encode_prompt(prompt, on_progress) if tokenize else self._unshield(prompt)
+
+    def _shield(self, value):
+        """value (messages, tools) with every special token in its strings replaced by a placeholder."""
+        if isinstance(value, str):
+            return self._shielded_pattern.sub(lambda m: self._placeholders[m[0]], value)
+        if isinstance(value, dict):
+            return {key: self._shield(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._shield(item) for item in value]
+        return value
+
+    def _unshield(self, text: str) -> str:
+        return PLACEHOLDER.sub(lambda m: self._shielded[int(m[1])], text)
+
+    def _encode_prompt(self, prompt: str, on_progress: Callable[[int, int], None] | None) -> list[int]:
+        """Ids of a rendered prompt: its special tokens (all the template's own) as such, the text between as text."""
+        pieces = self._special_pattern.split(prompt) if self._special_pattern else [prompt]
+        pieces = [piece if i % 2 else self._unshield(piece) for i, piece in enumerate(pieces)]
+        ids, done, total = [], 0, sum(map(len, pieces))
+        for i, piece in enumerate(pieces):
+            if i % 2:
+                ids.append(self._special_ids[piece])
+            elif piece:
+                ids += self.encode(piece, on_progress and (lambda n, _, start=done: on_progress(start + n, total)))
+            done += len(piece)
+        if on_progress:
+            on_progress(total, total)
+        return ids
 
     def detokenizer(self) -> "StreamingDetokenizer":
         return StreamingDetokenizer(self)

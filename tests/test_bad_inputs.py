@@ -1,10 +1,13 @@
 """Bad inputs through the CLI, one row each: every row must end in exit 1, one `error:` line, no traceback, nothing written.
 
 A row's argv may name `{model}` (a tiny MoE checkpoint), `{tmp}` (the row's own empty directory) and the files
-that the row's `files` puts in `{tmp}` first. After the run, `{tmp}` and `{model}` hold exactly what they held before.
+that the row's `files` puts in `{tmp}` first. A row with `model_files` gets, as `{model}`, a copy of the checkpoint
+in `{tmp}/model` with those files changed. After the run, `{tmp}` and `{model}` hold exactly what they held before.
 """
 
+import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +24,18 @@ class Row:
     says: str  # a fragment of the one-line error
     files: dict[str, bytes] = field(default_factory=dict)  # written into {tmp} before the run
     stdin: bytes | None = None
+    model_files: dict[str, bytes | dict] = field(default_factory=dict)  # bytes replace a file, a dict updates JSON
+
+
+def template(source: str | bytes) -> dict[str, bytes]:
+    """model_files giving the model this chat template."""
+    return {"chat_template.jinja": source.encode() if isinstance(source, str) else source}
+
+
+GENERATE = ("generate", "-m", "{model}", "-p", "hi")
+QUANTIZE = ("quantize", "{model}", "{tmp}/out", "--recipe", "{tmp}/r.toml")
+SUMMARIZE, SHORT_DOCUMENT = ("summarize", "{tmp}/doc.txt", "-m", "{model}"), {"doc.txt": b"A short document."}
+NESTED_LOOPS = "{% for i in range(100000) %}{% for j in range(100000) %}BODY{% endfor %}{% endfor %}"
 
 
 DOCUMENT = b"# Notes\n\nA mixture-of-experts layer routes each token to a few of its experts.\n"
@@ -73,8 +88,104 @@ ROWS = [
     # --- chat sessions ---
     # --- options and config values ---
     Row("generate-threads-zero", ("generate", "-m", "{model}", "-p", "hi", "--threads", "0"), "--threads"),
+    Row("generate-max-tokens-zero", (*GENERATE, "--max-tokens", "0"), "--max-tokens must be at least 1, got 0"),
+    Row("generate-max-tokens-negative", (*GENERATE, "--max-tokens", "-5"), "--max-tokens must be at least 1, got -5"),
+    Row("generate-temp-negative", (*GENERATE, "--temp", "-1"), "--temp must be a number >= 0 (0 is greedy)"),
+    Row("generate-temp-nan", (*GENERATE, "--temp", "nan"), "--temp must be a number >= 0 (0 is greedy), got nan"),
+    Row("generate-temp-inf", (*GENERATE, "--temp", "inf"), "--temp must be a number >= 0 (0 is greedy), got inf"),
+    Row("generate-top-p-2", (*GENERATE, "--top-p", "2"), "--top-p must be in (0, 1], got 2.0"),
+    Row("generate-top-p-zero", (*GENERATE, "--top-p", "0"), "--top-p must be in (0, 1], got 0.0"),
+    Row("generate-top-k-negative", (*GENERATE, "--top-k", "-3"), "--top-k must be a whole number >= 0"),
+    Row("generate-min-p-5", (*GENERATE, "--min-p", "5"), "--min-p must be in [0, 1], got 5.0"),
+    Row("generate-repetition-penalty-zero", (*GENERATE, "--repetition-penalty", "0"), "--repetition-penalty must be"),
+    Row("generate-presence-penalty-nan", (*GENERATE, "--presence-penalty", "nan"), "--presence-penalty must be"),
+    Row("generate-thinking-budget-negative", (*GENERATE, "--thinking-budget", "-1"), "--thinking-budget must be"),
+    Row("generate-seed-negative", (*GENERATE, "--seed", "-1"), "--seed must be a whole number from 0"),
+    Row("generate-prefill-step-negative", (*GENERATE, "--prefill-step", "-1"), "--prefill-step must be at least 1"),
+    Row("generate-prefill-step-zero", (*GENERATE, "--prefill-step", "0"), "--prefill-step must be at least 1"),
+    Row("chat-max-kv-size-zero", ("chat", "-m", "{model}", "--max-kv-size", "0"), "--max-kv-size must exceed"),
+    Row("chat-max-kv-size-negative", ("chat", "-m", "{model}", "--max-kv-size", "-8"), "--max-kv-size must exceed"),
+    Row("chat-top-p-2", ("chat", "-m", "{model}", "--top-p", "2"), "--top-p must be in (0, 1], got 2.0"),
+    Row("chat-max-tokens-zero", ("chat", "-m", "{model}", "--max-tokens", "0"), "--max-tokens must be at least 1"),
+    Row("convert-plan-context-negative", ("convert", "{model}", "{tmp}/out", "--plan", "--context", "-5"),
+        "--context must be at least 1, got -5"),
+    Row("convert-group-size-that-divides-nothing",
+        ("convert", "{model}", "{tmp}/out", "--bits", "4", "--group-size", "128"), "--group-size 32 or 64 would"),
+    Row("config-max-position-embeddings-zero", GENERATE, "'max_position_embeddings' must be a positive integer",
+        model_files={"config.json": {"max_position_embeddings": 0}}),
+    Row("summarize-config-max-position-embeddings-zero", SUMMARIZE, "'max_position_embeddings' must be",
+        files=SHORT_DOCUMENT, model_files={"config.json": {"max_position_embeddings": 0}}),
+    Row("config-yarn-factor-negative", GENERATE, "YaRN factor -4.0; it must be a number >= 1",
+        model_files={"config.json": {"rope_scaling": {"rope_type": "yarn", "factor": -4.0}}}),
+    Row("config-yarn-original-length-zero", SUMMARIZE, "original_max_position_embeddings 0", files=SHORT_DOCUMENT,
+        model_files={"config.json": {"rope_scaling": {"rope_type": "yarn", "original_max_position_embeddings": 0}}}),
+    Row("model-path-that-does-not-exist", ("generate", "-m", "./no-such-model", "-p", "hi"),
+        "./no-such-model: no such directory"),
     # --- documents, prompts and templates ---
+    Row("prompt-empty", ("generate", "-m", "{model}", "-p", ""), "the prompt is empty"),
+    Row("prompt-blank", ("generate", "-m", "{model}", "-p", " \n\t"), "the prompt is empty"),
+    Row("prompt-empty-stdin", ("generate", "-m", "{model}", "-p", "-"), "the prompt is empty", stdin=b""),
+    Row("template-include", GENERATE, "chat template: {% include %} is not allowed",
+        model_files=template("{% include 'other.jinja' %}")),
+    Row("template-import", GENERATE, "chat template: {% import %} is not allowed",
+        model_files=template("{% import 'macros.jinja' as m %}{{ m.turn() }}")),
+    Row("template-syntax-error", GENERATE, "chat template: line 2: unexpected '}'",
+        model_files=template("{% for m in messages %}\n{{ m.content }\n{% endfor %}")),
+    Row("template-unclosed-block", GENERATE, "chat template: line 1: Unexpected end of template",
+        model_files=template("{% for m in messages %}{{ m.content }}")),
+    Row("template-division-by-zero", GENERATE, "chat template: ZeroDivisionError: division by zero",
+        model_files=template("{{ 1/0 }}")),
+    Row("template-endless-recursion", GENERATE, "chat template: recursion too deep",
+        model_files=template("{% macro turn() %}{{ turn() }}{% endmacro %}{{ turn() }}")),
+    Row("template-empty", GENERATE, "chat template: empty", model_files=template("")),
+    Row("template-renders-nothing", GENERATE, "chat template: renders nothing",
+        model_files=template("{% if false %}never{% endif %}")),
+    Row("template-not-utf8", GENERATE, "chat_template.jinja: not UTF-8",
+        model_files=template(b"{{ messages[0].content }} caf\xe9")),
+    Row("tokenizer-config-not-utf8", GENERATE, "tokenizer_config.json: not UTF-8",
+        model_files={"tokenizer_config.json": b'{"chat_template": "caf\xe9"}'}),
+    Row("template-loops-for-ever", GENERATE, "chat template: stopped after 1,000,000 loop steps",
+        model_files=template(NESTED_LOOPS.replace("BODY", ""))),
+    Row("template-output-without-bound", GENERATE, "chat template: stopped: its output passed",
+        model_files=template(NESTED_LOOPS.replace("BODY", "<|im_start|>" * 8))),
+    Row("template-huge-string", GENERATE, "chat template: stopped: it would build",
+        model_files=template("{{ 'x' * 10**10 }}")),
+    Row("template-string-doubling", SUMMARIZE, "chat template: stopped: it would build", files=SHORT_DOCUMENT,
+        model_files=template("{% set ns = namespace(s='ab') %}{% for i in range(64) %}"
+                             "{% set ns.s = ns.s ~ ns.s %}{% endfor %}")),
+    Row("template-huge-padding", GENERATE, "chat template: stopped: it would build",
+        model_files=template("{{ messages[0].content|center(10**10) }}")),
+    Row("template-huge-format-width", GENERATE, "chat template: stopped: it would build",
+        model_files=template("{{ '%99999999999d' % 1 }}")),
+    Row("recipe-not-utf8", QUANTIZE, "r.toml: not UTF-8", files={"r.toml": b"description = 'caf\xe9'\n"}),
+    Row("recipe-layer-the-model-lacks", QUANTIZE, "names layer 99, but the model has 3 layers (0 to 2)",
+        files={"r.toml": b'[[rules]]\npattern = "mlp"\nbits = 4\ngroup_size = 32\nlayers = [0, 99]\n'}),
+    Row("recipe-negative-layer", QUANTIZE, "r.toml: rules[0]: layers must be",
+        files={"r.toml": b'[[rules]]\npattern = "mlp"\nbits = 4\nlayers = [-1]\n'}),
+    Row("recipe-quantizes-nothing", QUANTIZE, "recipe r: quantizes nothing",
+        files={"r.toml": b'[[rules]]\npattern = "no-such-module"\nbits = 4\n'}),
+    Row("recipe-bad-default-bits", QUANTIZE, "r.toml: [default]: bits must be one of",
+        files={"r.toml": b"[default]\nbits = 7\n"}),
+    Row("recipe-default-not-a-table", QUANTIZE, "r.toml: [default] must be a table", files={"r.toml": b"default = 4\n"}),
+    Row("recipe-unknown-key-in-default", QUANTIZE, "unknown key 'bit' in [default]",
+        files={"r.toml": b"[default]\nbit = 4\n"}),
+    Row("recipe-rules-not-tables", QUANTIZE, "r.toml: rules must be an array of tables", files={"r.toml": b"rules = 5\n"}),
 ]
+
+
+def model_variant(src: Path, dst: Path, changes: dict[str, bytes | dict]) -> Path:
+    """A copy of the model directory src at dst (weights linked, not copied) with some files changed."""
+    dst.mkdir()
+    for path in src.iterdir():
+        if path.suffix == ".safetensors":
+            (dst / path.name).symlink_to(path)
+        else:
+            shutil.copy(path, dst / path.name)
+    for name, change in changes.items():
+        if isinstance(change, dict):
+            change = json.dumps({**json.loads((dst / name).read_text()), **change}).encode()
+        (dst / name).write_bytes(change)
+    return dst
 
 
 def snapshot(*dirs: Path) -> dict[str, tuple[int, int]]:
@@ -94,7 +205,8 @@ def test_a_bad_input_is_one_error_line_with_exit_1_and_nothing_written(row, moe_
     for name, data in row.files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(data)
-    argv = [a.format(model=moe_dir, tmp=tmp_path) for a in row.argv]
+    model = model_variant(moe_dir, tmp_path / "model", row.model_files) if row.model_files else moe_dir
+    argv = [a.format(model=model, tmp=tmp_path) for a in row.argv]
     before = snapshot(tmp_path, moe_dir)
     result = CliRunner().invoke(app, argv, input=row.stdin)
     assert result.exit_code == 1, result.output

@@ -15,11 +15,13 @@ from transformers.generation.logits_process import RepetitionPenaltyLogitsProces
 from qwenmlx.cache import make_cache
 from qwenmlx.checkpoint import load, load_model
 from qwenmlx.config import config_from_dict
+from qwenmlx.errors import QwenMLXError
 from qwenmlx.generate import (
     THINKING_BUDGET_TEXT,
     Sampling,
     Stats,
     apply_penalties,
+    check_generation,
     default_sampling,
     generate_tokens,
     make_sampler,
@@ -154,6 +156,19 @@ def test_defaults_follow_qwen_guidance_per_mode_then_generation_config_then_the_
     assert default_sampling(True, config) == Sampling(temperature=0.5, top_p=0.9, top_k=40)
     assert default_sampling(False, config).temperature == 0.7
     assert default_sampling(True, config, temperature=0.0, top_k=None).temperature == 0.0
+
+
+def test_the_edges_of_every_setting_are_accepted():
+    check_generation(1, thinking_budget=0, prefill_step=1, temperature=0, top_p=1, top_k=0, min_p=1,
+                     presence_penalty=-2, repetition_penalty=0.5, seed=2**64 - 1)
+    check_generation(1, seed=0, min_p=0, top_p=1e-9)
+
+
+def test_a_bad_value_in_generation_config_names_the_file():
+    with pytest.raises(QwenMLXError, match=r"^generation_config.json: top_p must be in \(0, 1\], got 2$"):
+        default_sampling(True, {"top_p": 2})
+    assert default_sampling(False, {"top_p": 2}) == default_sampling(False)  # non-thinking mode does not read it
+    assert default_sampling(True, {"top_k": None}).top_k == 20  # a null is not a value
 
 
 def test_thinking_budget_closes_the_thought_with_qwens_text(moe_model):

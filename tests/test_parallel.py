@@ -70,6 +70,15 @@ def test_zero_threads_is_a_one_line_error(moe_dir):
     assert result.output.strip() == "error: --threads must be at least 1, got 0"
 
 
+def test_more_threads_than_cores_are_capped_at_the_cores_with_a_note(moe_dir):
+    assert len(Cores.for_device(cpu_threads() + 100).streams) == len(Cores.for_device().streams)
+    result = CliRunner().invoke(app, ["generate", "-m", str(moe_dir), "-p", "hi", "--max-tokens", "1",
+                                      "--threads", "999"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip() == (f"note: --threads 999: this machine gives qwenmlx {cpu_threads()} cores, "
+                                     f"so it uses {cpu_threads()}")
+
+
 def test_profile_decode_times_each_part_on_one_stream_and_on_every_core(moe_dir):
     result = subprocess.run([sys.executable, "scripts/profile_decode.py", str(moe_dir), "--context", "16",
                              "--repeats", "1", "--json"], capture_output=True, text=True, check=True)
