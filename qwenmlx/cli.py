@@ -102,6 +102,17 @@ PREFILL_OPTION = typer.Option(None, "--prefill-step", help="Prompt tokens per pr
 THREADS_OPTION = typer.Option(None, "--threads",
                               help="CPU cores the large matmuls are split over (default: all; a GPU ignores it).")
 
+
+def _prompt_from_stdin() -> str:
+    """stdin's bytes, decoded as summarize decodes a file (with a note when not plain UTF-8)."""
+    from .documents import read_prompt_from_stdin
+
+    decoded = read_prompt_from_stdin()
+    if decoded.note:
+        stderr.print(f"[yellow]note:[/yellow] {decoded.note}", highlight=False, soft_wrap=True)
+    return decoded.text
+
+
 @app.command()
 @user_errors
 def generate(prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt, or - to read it from stdin."),
@@ -120,7 +131,7 @@ def generate(prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt,
 
     from .generate import default_sampling, stream_generate
 
-    text = sys.stdin.read() if prompt == "-" else prompt
+    text = _prompt_from_stdin() if prompt == "-" else prompt
     llm, tokenizer = load_for_generation(model, threads)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     tokens = tokenizer.apply_chat_template(messages, enable_thinking=think, tokenize=True)
