@@ -343,6 +343,9 @@ class SummaryBars:
     def tokenizing(self, done_chars: int, total_chars: int) -> None:
         self._show("tokenize", "tokenising (characters)", done_chars, total_chars)
 
+    def splitting(self, done_chars: int, total_chars: int) -> None:
+        self._show("split", "splitting into parts (characters)", done_chars, total_chars)
+
     def planned(self, plan, level: int) -> None:
         where = f" (summaries of level {level})" if level else ""
         self.bars.console.print(f"[bold]strategy{where}:[/bold] {plan.describe()}", highlight=False, soft_wrap=True)
@@ -351,6 +354,9 @@ class SummaryBars:
     def map_step(self, level: int, index: int, total: int, part: str) -> None:
         self._show(f"map{level}", f"map step{f' (level {level})' if level else ''}", index - 1, total)
         self._new_generation()
+
+    def mapped(self, level: int, total: int) -> None:
+        self.bars.update(self.tasks[f"map{level}"], completed=total)
 
     def prefill(self, done: int, total: int) -> None:
         import time
@@ -369,9 +375,7 @@ class SummaryBars:
         sys.stdout.flush()
 
     def close(self) -> None:
-        for name, task in self.tasks.items():
-            if name.startswith("map"):
-                self.bars.update(task, completed=self.bars.tasks[task].total)
+        """Stop drawing, each bar as far as it got (not complete after a Ctrl-C)."""
         self.bars.stop()
 
 
@@ -405,8 +409,25 @@ def _write_atomically(path, text: str) -> None:
         raise QwenMLXError(f"{path}: cannot write ({e.strerror})") from None
 
 
+def stops_on_ctrl_c(command):
+    """Ctrl-C ends the command with one line and exit code 130 (128 + SIGINT), not a traceback; --debug re-raises."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            if DEBUG:
+                raise
+            stderr.print("[red]interrupted[/red]", highlight=False)
+            sys.exit(130)
+
+    return wrapper
+
+
 @app.command()
 @user_errors
+@stops_on_ctrl_c
 def summarize(
     file: str = typer.Argument(..., help="File to summarise (text, Markdown, code, JSON, CSV, HTML, PDF), or - for stdin."),
     model: str = MODEL_OPTION,
