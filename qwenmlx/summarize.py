@@ -21,7 +21,7 @@ from .errors import QwenMLXError
 from .generate import THINKING_BUDGET_TEXT, Stats, Step, default_sampling, stream_generate
 from .splitting import split_text
 from .strategy import MAP_REDUCE, Limits, Plan, choose_strategy, limits_for, yarn_scaling
-from .token_counts import TokenCounts, encode_in_pieces
+from .token_counts import TokenCounts
 
 STYLES = {
     "brief": "Write a brief summary: one paragraph of three to five sentences with the main point and the "
@@ -201,9 +201,9 @@ class Summarizer:
         """Tokens one generation may produce: the answer, plus as many for thinking and the budget's closing text."""
         return answer_tokens + (answer_tokens + self.budget_text_tokens if self.options.think else 0)
 
-    def prompt(self, instructions: str, text: str) -> str:
+    def prompt(self, instructions: str, text: str) -> list[int]:
         messages = [{"role": "user", "content": f"{text}\n\n{instructions}"}]
-        return self.tokenizer.apply_chat_template(messages, enable_thinking=self.options.think)
+        return self.tokenizer.apply_chat_template(messages, enable_thinking=self.options.think, tokenize=True)
 
     def final_instructions(self, from_parts: bool) -> str:
         task = ("The text above is a sequence of summaries of consecutive parts of one document, in order. "
@@ -235,7 +235,7 @@ class Summarizer:
         if level == 0:
             self.document_tokens = counts.total
         instructions = self.final_instructions(from_parts=level > 0)
-        prompt_tokens = counts.total + len(self.tokenizer.encode(self.prompt(instructions, "")))
+        prompt_tokens = counts.total + len(self.prompt(instructions, ""))
         if level and prompt_tokens >= self.plans[-1].prompt_tokens:
             raise QwenMLXError(
                 f"the part summaries ({prompt_tokens:,} tokens) are no shorter than the text they summarise "
@@ -243,7 +243,7 @@ class Summarizer:
             )
         answer_tokens = self.reserved(self.options.max_tokens)
         if choose_strategy(prompt_tokens - PROMPT_COUNT_SLACK, answer_tokens, self.limits).strategy != MAP_REDUCE:
-            prompt = encode_in_pieces(self.tokenizer, self.prompt(instructions, text))  # short enough to do again
+            prompt = self.prompt(instructions, text)  # short enough to tokenise once more
             prompt_tokens = len(prompt)
         plan = choose_strategy(prompt_tokens, answer_tokens, self.limits)
         self.seconds["tokenize"] += time.perf_counter() - start
@@ -261,7 +261,7 @@ class Summarizer:
         answer_tokens = min(self.options.max_tokens, self.limits.native_context // PART_SUMMARY_SHARE)
         part_context = min(self.limits.native_context, self.limits.longest_context())
         # The prompt around a part, with part numbers as wide as they will plausibly get.
-        overhead = len(self.tokenizer.encode(self.prompt(self.part_instructions(999, 999, level > 0), "")))
+        overhead = len(self.prompt(self.part_instructions(999, 999, level > 0), ""))
         budget = int((part_context - overhead - self.reserved(answer_tokens)) * SPLIT_MARGIN)
         if budget < 2 * answer_tokens:
             raise QwenMLXError(
@@ -273,7 +273,7 @@ class Summarizer:
         for index, piece in enumerate(pieces, 1):
             self.progress.map_step(level, index, len(pieces), piece)
             instructions = self.part_instructions(index, len(pieces), level > 0)
-            prompt = self.tokenizer.encode(self.prompt(instructions, piece.strip()))
+            prompt = self.prompt(instructions, piece.strip())
             plan = choose_strategy(len(prompt), self.reserved(answer_tokens), self.limits)
             assert plan.strategy != MAP_REDUCE and not plan.yarn_factor, f"part {index} should fit one native pass: {plan}"
             summaries.append(self.generate(prompt, plan, answer_tokens, final=False))
