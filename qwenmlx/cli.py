@@ -105,9 +105,9 @@ THREADS_OPTION = typer.Option(None, "--threads",
 
 def _prompt_from_stdin() -> str:
     """stdin's bytes, decoded as summarize decodes a file (with a note when not plain UTF-8)."""
-    from .documents import read_prompt_from_stdin
+    from .documents import decode_text
 
-    decoded = read_prompt_from_stdin()
+    decoded = decode_text("stdin", sys.stdin.buffer.read())
     if decoded.note:
         stderr.print(f"[yellow]note:[/yellow] {decoded.note}", highlight=False, soft_wrap=True)
     return decoded.text

@@ -61,14 +61,6 @@ def read_document(path: str | Path) -> Document:
     return document_from_bytes(str(path), data, suffix=path.suffix.lower())
 
 
-def read_prompt_from_stdin() -> DecodedText:
-    """`generate -p -`: stdin's bytes decoded as summarize decodes a file."""
-    data = sys.stdin.buffer.read()
-    if not data.strip():
-        raise QwenMLXError("stdin: empty (no prompt to answer)")
-    return decode_text("stdin", data)
-
-
 def document_from_bytes(name: str, data: bytes, suffix: str) -> Document:
     """Pick the reader by content first (a PDF is a PDF whatever its name), then by suffix."""
     if not data.strip():

@@ -32,8 +32,6 @@ ROWS = [
     # --- documents, prompts and templates ---
     Row("generate-binary-stdin", ("generate", "-m", "{model}", "-p", "-"), "stdin: binary data (contains NUL bytes)",
         stdin=b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"),
-    Row("generate-empty-stdin", ("generate", "-m", "{model}", "-p", "-"), "stdin: empty (no prompt to answer)",
-        stdin=b" \n"),
     Row("generate-false-utf16-stdin", ("generate", "-m", "{model}", "-p", "-"), "stdin: binary data (starts like UTF-16",
         stdin=b"\xff\xfe\x00\xd8"),
 ]
