@@ -112,6 +112,17 @@ PREFILL_OPTION = typer.Option(None, "--prefill-step", help="Prompt tokens per pr
 THREADS_OPTION = typer.Option(None, "--threads",
                               help="CPU cores the large matmuls are split over (default and most: all; a GPU ignores it).")
 
+
+def _prompt_from_stdin() -> str:
+    """stdin's bytes, decoded as summarize decodes a file (with a note when not plain UTF-8)."""
+    from .documents import decode_text
+
+    decoded = decode_text("stdin", sys.stdin.buffer.read())
+    if decoded.note:
+        stderr.print(f"[yellow]note:[/yellow] {decoded.note}", highlight=False, soft_wrap=True)
+    return decoded.text
+
+
 @app.command()
 @user_errors
 def generate(prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt, or - to read it from stdin."),
@@ -133,7 +144,7 @@ def generate(prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt,
     options = sampling_options(temp, top_p, top_k, min_p, presence_penalty, repetition_penalty, seed)
     check_generation(max_tokens, thinking_budget, prefill_step, **options)
     check_threads(threads)
-    text = sys.stdin.read() if prompt == "-" else prompt
+    text = _prompt_from_stdin() if prompt == "-" else prompt
     messages = prompt_messages(text, system)
     llm, tokenizer = load_for_generation(model, threads)
     tokens = tokenizer.apply_chat_template(messages, enable_thinking=think, tokenize=True)
@@ -358,6 +369,9 @@ class SummaryBars:
     def tokenizing(self, done_chars: int, total_chars: int) -> None:
         self._show("tokenize", "tokenising (characters)", done_chars, total_chars)
 
+    def splitting(self, done_chars: int, total_chars: int) -> None:
+        self._show("split", "splitting into parts (characters)", done_chars, total_chars)
+
     def planned(self, plan, level: int) -> None:
         where = f" (summaries of level {level})" if level else ""
         self.bars.console.print(f"[bold]strategy{where}:[/bold] {plan.describe()}", highlight=False, soft_wrap=True)
@@ -366,6 +380,9 @@ class SummaryBars:
     def map_step(self, level: int, index: int, total: int, part: str) -> None:
         self._show(f"map{level}", f"map step{f' (level {level})' if level else ''}", index - 1, total)
         self._new_generation()
+
+    def mapped(self, level: int, total: int) -> None:
+        self.bars.update(self.tasks[f"map{level}"], completed=total)
 
     def prefill(self, done: int, total: int) -> None:
         import time
@@ -384,9 +401,7 @@ class SummaryBars:
         sys.stdout.flush()
 
     def close(self) -> None:
-        for name, task in self.tasks.items():
-            if name.startswith("map"):
-                self.bars.update(task, completed=self.bars.tasks[task].total)
+        """Stop drawing, each bar as far as it got (not complete after a Ctrl-C)."""
         self.bars.stop()
 
 
@@ -406,8 +421,25 @@ def _closing_line(summary) -> str:
     )
 
 
+def stops_on_ctrl_c(command):
+    """Ctrl-C ends the command with one line and exit code 130 (128 + SIGINT), not a traceback; --debug re-raises."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            if DEBUG:
+                raise
+            stderr.print("[red]interrupted[/red]", highlight=False)
+            sys.exit(130)
+
+    return wrapper
+
+
 @app.command()
 @user_errors
+@stops_on_ctrl_c
 def summarize(
     file: str = typer.Argument(..., help="File to summarise (text, Markdown, code, JSON, CSV, HTML, PDF), or - for stdin."),
     model: str = MODEL_OPTION,

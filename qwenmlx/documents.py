@@ -1,7 +1,9 @@
-"""Reading a file to summarise into plain text: text of any kind, HTML (text extracted) and PDF (via pypdf).
+"""Reading text input: a file to summarise (text of any kind, HTML with its text extracted, PDF via pypdf),
+and the bytes of a prompt given on stdin.
 
-Text that is not UTF-8 is decoded with charset-normalizer's best guess, and the Document says so, so the
-command can tell the user. HTML headings become Markdown headings, so the splitter sees the structure.
+Bytes are decoded the same way everywhere (decode_text): UTF-8, with the few bad bytes of damaged or
+truncated UTF-8 replaced; other text with charset-normalizer's best guess. Either way a note says so,
+for the command to tell the user. HTML headings become Markdown headings, so the splitter sees the structure.
 """
 
 import io
@@ -18,6 +20,17 @@ SNIFF_BYTES = 8192
 # Share of control characters (other than tab, newline, carriage return, form feed) that marks a file as binary.
 MAX_CONTROL_SHARE = 0.02
 PREFERRED_LEGACY_ENCODING = "cp1252"  # Windows-1252, which HTML5 also reads "latin-1" as
+NON_ASCII_BYTES = bytes(range(128, 256))
+
+
+@dataclass
+class DecodedText:
+    """Text decoded from bytes, its encoding, and a line for the user when it is not exactly the bytes' UTF-8."""
+
+    text: str
+    encoding: str
+    fallback: bool = False  # True when the bytes were decoded as a legacy encoding, not UTF-8
+    note: str | None = None
 
 
 @dataclass
@@ -29,13 +42,7 @@ class Document:
     kind: str  # "text", "html" or "pdf"
     encoding: str | None = None  # the text's encoding; None for PDF
     decoded_with_fallback: bool = False  # True when the bytes were not UTF-8
-
-    @property
-    def note(self) -> str | None:
-        """A line for the user when the text needed an encoding guess."""
-        if self.decoded_with_fallback:
-            return f"{self.name}: not UTF-8; decoded as {self.encoding}"
-        return None
+    note: str | None = None  # a line for the user: how the bytes were decoded, when not plainly
 
 
 def read_document(path: str | Path) -> Document:
@@ -61,47 +68,55 @@ def document_from_bytes(name: str, data: bytes, suffix: str) -> Document:
     if data.startswith(b"%PDF-"):
         document = Document(name, pdf_text(name, data), "pdf")
     else:
-        text, encoding, fallback = decode_text(name, data)
-        if suffix in HTML_SUFFIXES or looks_like_html(text):
-            text, kind = html_text(text), "html"
+        decoded = decode_text(name, data)
+        if suffix in HTML_SUFFIXES or looks_like_html(decoded.text):
+            text, kind = html_text(decoded.text), "html"
         else:
-            kind = "text"
-        document = Document(name, text, kind, encoding, fallback)
+            text, kind = decoded.text, "text"
+        document = Document(name, text, kind, decoded.encoding, decoded.fallback, decoded.note)
     if not document.text.strip():
         raise QwenMLXError(f"{name}: no text in this {document.kind.upper()} file (nothing to summarize)")
     return document
 
 
-def decode_text(name: str, data: bytes) -> tuple[str, str, bool]:
-    """(text, encoding, whether a fallback was needed); raises for binary data."""
+def decode_text(name: str, data: bytes) -> DecodedText:
+    """Bytes of text in any common encoding as str; raises a one-line QwenMLXError for binary data."""
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
         try:
-            return check_not_binary(name, data.decode("utf-16")), "utf-16", False
+            return DecodedText(check_not_binary(name, data.decode("utf-16")), "utf-16")
         except UnicodeDecodeError:
-            raise QwenMLXError(f"{name}: binary file (starts like UTF-16 but is not), not text, HTML or PDF") from None
+            raise QwenMLXError(f"{name}: binary data (starts like UTF-16 but is not), not text") from None
     if b"\x00" in data[:SNIFF_BYTES]:
-        raise QwenMLXError(f"{name}: binary file (contains NUL bytes), not text, HTML or PDF")
+        raise QwenMLXError(f"{name}: binary data (contains NUL bytes), not text")
     try:
-        return check_not_binary(name, data.decode("utf-8-sig")), "utf-8", False
+        return DecodedText(check_not_binary(name, data.decode("utf-8-sig")), "utf-8")
     except UnicodeDecodeError:
         pass
+    text = data.decode("utf-8-sig", errors="replace")
+    bad = text.count("\ufffd") - data.count("\ufffd".encode())  # one U+FFFD per invalid sequence
+    well_formed = len(text) - len(data.translate(None, NON_ASCII_BYTES)) - bad  # non-ASCII characters
+    if well_formed > bad:
+        # UTF-8 with a few bad bytes (damaged, or cut mid-character): other encodings rarely form UTF-8 sequences.
+        note = f"{name}: not valid UTF-8; {bad:,} invalid byte sequence(s) replaced with U+FFFD"
+        return DecodedText(check_not_binary(name, text), "utf-8", note=note)
     from charset_normalizer import from_bytes
 
     matches = from_bytes(data)
     best = matches.best()
     if best is None:
-        raise QwenMLXError(f"{name}: binary file (no text encoding fits), not text, HTML or PDF")
+        raise QwenMLXError(f"{name}: binary data (no text encoding fits), not text")
     # Mostly-ASCII text with a few accents fits several code pages equally well: take the most common one.
     tied = [m for m in matches if (m.chaos, m.coherence) == (best.chaos, best.coherence)]
     best = next((m for m in tied if m.encoding == PREFERRED_LEGACY_ENCODING), best)
-    return check_not_binary(name, str(best)), best.encoding, True
+    note = f"{name}: not UTF-8; decoded as {best.encoding}"
+    return DecodedText(check_not_binary(name, str(best)), best.encoding, fallback=True, note=note)
 
 
 def check_not_binary(name: str, text: str) -> str:
     sample = text[:SNIFF_BYTES]
     controls = sum(1 for ch in sample if ord(ch) < 32 and ch not in "\t\n\r\f")
     if controls > MAX_CONTROL_SHARE * len(sample):
-        raise QwenMLXError(f"{name}: binary file (control characters), not text, HTML or PDF")
+        raise QwenMLXError(f"{name}: binary data (control characters), not text")
     return text
 
 

@@ -2,10 +2,11 @@
 
     summary = summarize(model, tokenizer, read_document("report.pdf"), SummaryOptions(style="bullets"))
 
-The prompt is tokenised and measured first; strategy.py then says whether it fits the native window,
-needs YaRN (switched on for this run only), or must be summarised in parts. In parts (map-reduce), the
-text is split along its structure (splitting.py), each part is summarised in order, and the joined
-part summaries are summarised the same way, again in parts if they are still too long.
+The text is tokenised and counted first, a bounded piece at a time (token_counts.py); strategy.py then
+says whether the prompt fits the native window, needs YaRN (switched on for this run only), or must be
+summarised in parts. In parts (map-reduce), the text is split along its structure (splitting.py) by its
+counts, each part is summarised in order, and the joined part summaries are summarised the same way,
+again in parts if they are still too long.
 """
 
 import re
@@ -20,6 +21,7 @@ from .errors import QwenMLXError
 from .generate import THINKING_BUDGET_TEXT, Stats, Step, default_sampling, stream_generate
 from .splitting import split_text
 from .strategy import MAP_REDUCE, Limits, Plan, choose_strategy, limits_for, yarn_scaling
+from .token_counts import TokenCounts
 
 STYLES = {
     "brief": "Write a brief summary: one paragraph of three to five sentences with the main point and the "
@@ -43,7 +45,12 @@ SCRIPT_LANGUAGES = [
     ("hi", re.compile(r"[\u0900-\u097f]")), ("th", re.compile(r"[\u0e00-\u0e7f]")),
 ]
 LANGUAGE_SAMPLE_CHARS = 20_000
-SPLIT_MARGIN = 0.98  # part sizes are summed piece by piece; keep a little room for the difference
+# The text and the prompt around it, counted apart, are within this many tokens of the whole prompt (tokens
+# can merge where they join). A prompt that may fit one generation is tokenised whole, to know exactly.
+PROMPT_COUNT_SLACK = 2
+# A part's prompt is the part stripped inside the template, and counts may be a token off where a long
+# run had no safe cut: keep a little room for the difference.
+SPLIT_MARGIN = 0.98
 PART_SUMMARY_SHARE = 8  # a part's summary gets at most this fraction (1/8) of the native window
 
 
@@ -84,13 +91,21 @@ class SummaryOptions:
 
 
 class SummaryProgress:
-    """What a run reports as it goes. This one ignores it all; the CLI draws it with rich, tests record it."""
+    """What a run reports as it goes. This one ignores it all; the CLI draws it with rich, tests record it.
+
+    Each level of a run tokenises its text, plans, and either generates the summary or splits the text and
+    summarises the parts (map steps, then mapped).
+    """
 
     def tokenizing(self, done_chars: int, total_chars: int) -> None: ...
 
     def planned(self, plan: Plan, level: int) -> None: ...
 
+    def splitting(self, done_chars: int, total_chars: int) -> None: ...
+
     def map_step(self, level: int, index: int, total: int, part: str) -> None: ...
+
+    def mapped(self, level: int, total: int) -> None: ...
 
     def prefill(self, done: int, total: int) -> None: ...
 
@@ -179,16 +194,16 @@ class Summarizer:
         self.plans: list[Plan] = []
         self.seconds = {"tokenize": 0.0, "prefill": 0.0, "decode": 0.0}
         self.generated_tokens, self.peak_memory_gb, self.final_stats = 0, 0.0, None
+        self.document_tokens = 0
         self.language = ""  # the instruction naming the summary's language, set from the document
 
     def reserved(self, answer_tokens: int) -> int:
         """Tokens one generation may produce: the answer, plus as many for thinking and the budget's closing text."""
         return answer_tokens + (answer_tokens + self.budget_text_tokens if self.options.think else 0)
 
-    def prompt(self, instructions: str, text: str, on_progress=None) -> list[int]:
+    def prompt(self, instructions: str, text: str) -> list[int]:
         messages = [{"role": "user", "content": f"{text}\n\n{instructions}"}]
-        return self.tokenizer.apply_chat_template(messages, enable_thinking=self.options.think, tokenize=True,
-                                                  on_progress=on_progress)
+        return self.tokenizer.apply_chat_template(messages, enable_thinking=self.options.think, tokenize=True)
 
     def final_instructions(self, from_parts: bool) -> str:
         task = ("The text above is a sequence of summaries of consecutive parts of one document, in order. "
@@ -204,38 +219,45 @@ class Summarizer:
         start = time.perf_counter()
         text = document.text.strip()
         self.language = self.options.language_instruction(text)
-        prompt = self.prompt(self.final_instructions(False), text, self.progress.tokenizing)
-        document_tokens = len(self.tokenizer.encode(text))
-        self.seconds["tokenize"] = time.perf_counter() - start
-        summary_text = self.summarize_text(text, prompt, level=0)
+        summary_text = self.summarize_text(text, level=0)
         self.seconds["total"] = time.perf_counter() - start
         return Summary(
             text=summary_text, strategy=self.plans[0].strategy, yarn_factor=self.plans[-1].yarn_factor,
-            document_tokens=document_tokens, plans=self.plans, parts=self.parts,
+            document_tokens=self.document_tokens, plans=self.plans, parts=self.parts,
             generated_tokens=self.generated_tokens, seconds=self.seconds, final_stats=self.final_stats,
             peak_memory_gb=self.peak_memory_gb,
         )
 
-    def summarize_text(self, text: str, prompt: list[int], level: int) -> str:
-        """Summarise text whose final prompt is `prompt`: at once if it fits, else in parts, then their summaries."""
-        plan = choose_strategy(len(prompt), self.reserved(self.options.max_tokens), self.limits)
+    def summarize_text(self, text: str, level: int) -> str:
+        """Summarise the document (level 0) or the part summaries of the level before: at once, or in parts."""
+        start = time.perf_counter()
+        counts = TokenCounts(self.tokenizer, text, self.progress.tokenizing)
+        if level == 0:
+            self.document_tokens = counts.total
+        instructions = self.final_instructions(from_parts=level > 0)
+        prompt_tokens = counts.total + len(self.prompt(instructions, ""))
+        if level and prompt_tokens >= self.plans[-1].prompt_tokens:
+            raise QwenMLXError(
+                f"the part summaries ({prompt_tokens:,} tokens) are no shorter than the text they summarise "
+                f"({self.plans[-1].prompt_tokens:,}); try a smaller --max-tokens"
+            )
+        answer_tokens = self.reserved(self.options.max_tokens)
+        if choose_strategy(prompt_tokens - PROMPT_COUNT_SLACK, answer_tokens, self.limits).strategy != MAP_REDUCE:
+            prompt = self.prompt(instructions, text)  # short enough to tokenise once more
+            prompt_tokens = len(prompt)
+        plan = choose_strategy(prompt_tokens, answer_tokens, self.limits)
+        self.seconds["tokenize"] += time.perf_counter() - start
         self.plans.append(plan)
         self.progress.planned(plan, level)
         if plan.strategy != MAP_REDUCE:
             return self.generate(prompt, plan, self.options.max_tokens, final=True)
 
-        summaries = self.map_parts(text, level)
+        summaries = self.map_parts(counts, level)
         joined = "\n\n".join(f"Part {i} of {len(summaries)}:\n{s}" for i, s in enumerate(summaries, 1))
-        reduce_prompt = self.prompt(self.final_instructions(True), joined)
-        if len(reduce_prompt) >= len(prompt):
-            raise QwenMLXError(
-                f"the part summaries ({len(reduce_prompt):,} tokens) are no shorter than the text they summarise "
-                f"({len(prompt):,}); try a smaller --max-tokens"
-            )
-        return self.summarize_text(joined, reduce_prompt, level + 1)
+        return self.summarize_text(joined, level + 1)
 
-    def map_parts(self, text: str, level: int) -> list[str]:
-        """Split text to fit one generation per part (native window, memory) and summarise the parts in order."""
+    def map_parts(self, counts: TokenCounts, level: int) -> list[str]:
+        """Split the text to fit one generation per part (native window, memory) and summarise the parts in order."""
         answer_tokens = min(self.options.max_tokens, self.limits.native_context // PART_SUMMARY_SHARE)
         part_context = min(self.limits.native_context, self.limits.longest_context())
         # The prompt around a part, with part numbers as wide as they will plausibly get.
@@ -246,7 +268,7 @@ class Summarizer:
                 f"a part of the document plus its summary cannot fit one generation ({part_context:,} tokens "
                 f"within the native window and memory); try a smaller --max-tokens"
             )
-        pieces = split_text(text, budget, lambda piece: len(self.tokenizer.encode(piece)))
+        pieces = split_text(counts, budget, self.progress.splitting)
         summaries, start = [], 0
         for index, piece in enumerate(pieces, 1):
             self.progress.map_step(level, index, len(pieces), piece)
@@ -257,6 +279,7 @@ class Summarizer:
             summaries.append(self.generate(prompt, plan, answer_tokens, final=False))
             self.parts.append(PartSummary(level, index, start, start + len(piece), len(prompt), summaries[-1]))
             start += len(piece)
+        self.progress.mapped(level, len(pieces))
         return summaries
 
     def generate(self, prompt: list[int], plan: Plan, answer_tokens: int, final: bool) -> str:

@@ -170,6 +170,10 @@ ROWS = [
     Row("recipe-unknown-key-in-default", QUANTIZE, "unknown key 'bit' in [default]",
         files={"r.toml": b"[default]\nbit = 4\n"}),
     Row("recipe-rules-not-tables", QUANTIZE, "r.toml: rules must be an array of tables", files={"r.toml": b"rules = 5\n"}),
+    Row("generate-binary-stdin", ("generate", "-m", "{model}", "-p", "-"), "stdin: binary data (contains NUL bytes)",
+        stdin=b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"),
+    Row("generate-false-utf16-stdin", ("generate", "-m", "{model}", "-p", "-"), "stdin: binary data (starts like UTF-16",
+        stdin=b"\xff\xfe\x00\xd8"),
 ]
 
 

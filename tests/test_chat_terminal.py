@@ -1,5 +1,6 @@
 """`qwenmlx chat` driven as a person would, through a pseudo-terminal; the model's words are noise, the mechanics are checked."""
 
+import json
 import sys
 import time
 
@@ -30,8 +31,22 @@ def saved_chat(tmp_path_factory):
     return tmp_path_factory.mktemp("chat") / "chat.json"
 
 
-def test_messages_no_think_save_and_exit(moe_dir, saved_chat):
-    child = start_chat(moe_dir, "--max-tokens", "24", "--system", "Be brief.")
+@pytest.fixture(scope="module")
+def endless_dir(moe_dir, tmp_path_factory):
+    """The tiny checkpoint with no stop token: every answer runs to --max-tokens, whatever the weights prefer."""
+    dst = tmp_path_factory.mktemp("endless")
+    for path in moe_dir.iterdir():
+        (dst / path.name).symlink_to(path)
+    for name, stop in (("generation_config.json", "eos_token_id"), ("tokenizer_config.json", "eos_token")):
+        config = json.loads((moe_dir / name).read_text())
+        del config[stop]
+        (dst / name).unlink()
+        (dst / name).write_text(json.dumps(config))
+    return dst
+
+
+def test_messages_no_think_save_and_exit(endless_dir, saved_chat):
+    child = start_chat(endless_dir, "--max-tokens", "24", "--system", "Be brief.")
     child.sendline("Hello, who are you?")
     child.expect(r"24 tokens · [\d.]+ tok/s · prefill \d+ at \d+ tok/s · context \d+/4096")
     child.expect_exact(PROMPT)
@@ -50,8 +65,8 @@ def test_messages_no_think_save_and_exit(moe_dir, saved_chat):
     assert saved_chat.is_file() and saved_chat.with_name("chat.json.kv.safetensors").is_file()
 
 
-def test_load_then_ctrl_c_stops_the_answer_but_not_the_chat(moe_dir, saved_chat):
-    child = start_chat(moe_dir, "--max-tokens", "100000")
+def test_load_then_ctrl_c_stops_the_answer_but_not_the_chat(endless_dir, saved_chat):
+    child = start_chat(endless_dir, "--max-tokens", "100000")
     command(child, f"/load {saved_chat}", r"loaded 4 messages \(\d+ tokens of cache\)")
     child.sendline("Tell me a very long story.")
     child.expect_exact("Tell me a very long story.")

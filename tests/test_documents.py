@@ -52,6 +52,22 @@ def test_latin1_english_is_decoded_with_a_fallback(tmp_path):
     assert document.decoded_with_fallback
 
 
+@pytest.mark.parametrize("path, damage", [
+    (CHINESE, lambda data: data[:500] + b"\xff" + data[500:]),
+    (ENGLISH_MOE, lambda data: data[:500] + b"\xff" + data[500:]),
+    (CHINESE, lambda data: data.rstrip()[:-1]),  # cut inside the last character
+], ids=["chinese-bad-byte", "english-bad-byte", "chinese-cut-mid-character"])
+def test_utf8_with_a_bad_byte_is_read_with_a_replacement_character_and_a_note(tmp_path, path, damage):
+    path_copy = tmp_path / "damaged.md"
+    path_copy.write_bytes(damage(path.read_bytes()))
+    document = read_document(path_copy)
+    text = path.read_text(encoding="utf-8")
+    assert document.text.count("\ufffd") == 1
+    assert document.text.replace("\ufffd", "") in (text, text.rstrip()[:-1])
+    assert (document.encoding, document.decoded_with_fallback) == ("utf-8", False)
+    assert document.note == f"{path_copy}: not valid UTF-8; 1 invalid byte sequence(s) replaced with U+FFFD"
+
+
 def test_utf16_with_bom_is_text(tmp_path):
     path = tmp_path / "utf16.txt"
     path.write_bytes(CHINESE.read_text(encoding="utf-8").encode("utf-16"))
@@ -124,7 +140,7 @@ def test_empty_file_is_a_one_line_error(tmp_path, content):
 def test_binary_file_is_a_one_line_error(tmp_path, content):
     path = tmp_path / "image.png"
     path.write_bytes(content)
-    assert error_for(path).startswith(f"{path}: binary file")
+    assert error_for(path).startswith(f"{path}: binary data")
 
 
 def test_unreadable_file_is_a_one_line_error(tmp_path, monkeypatch):
@@ -165,3 +181,14 @@ def test_html_without_text_is_a_one_line_error(tmp_path):
     path = tmp_path / "blank.html"
     path.write_text("<html><head><script>x = 1</script></head><body> </body></html>")
     assert error_for(path) == f"{path}: no text in this HTML file (nothing to summarize)"
+
+
+def test_generate_reads_stdin_as_summarize_does(moe_dir):
+    from typer.testing import CliRunner
+
+    from qwenmlx.cli import app
+
+    latin1 = "Un café crème, s'il vous plaît.".encode("latin-1")
+    result = CliRunner().invoke(app, ["generate", "-m", str(moe_dir), "-p", "-", "--max-tokens", "2"], input=latin1)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip() == "note: stdin: not UTF-8; decoded as cp1252"

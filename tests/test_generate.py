@@ -33,6 +33,8 @@ from qwenmlx.model import Model
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}
 NEW_TOKENS = 60
+# Two logits closer than this are a tie as far as float32 arithmetic in another order can tell.
+NEAR_TIE = 1e-4
 
 
 @pytest.fixture(scope="session")
@@ -62,12 +64,19 @@ def test_greedy_generation_equals_transformers_generate(generation_dir, variant)
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         out = ref.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                           do_sample=False, eos_token_id=None, pad_token_id=0)
-    expected = out[0, len(prompt):].tolist()
+                           do_sample=False, eos_token_id=None, pad_token_id=0, output_scores=True,
+                           return_dict_in_generate=True)
+    expected = out.sequences[0, len(prompt):].tolist()
+    scores = torch.stack(out.scores)[:, 0]  # the logits transformers chose each token from
     model, _ = load_model(model_dir)
     # A prefill step of 7 splits the prompt into uneven chunks.
     got = [t for t, _ in generate_tokens(model, prompt, max_tokens=NEW_TOKENS, prefill_step=7)]
-    assert got == expected
+    # The same tokens up to the first near tie in transformers' logits, if random weights make one: there
+    # either token is right, and the two runs may go separate ways after it.
+    best, second = scores.topk(2).values.T
+    tie = next((i for i in range(NEW_TOKENS) if best[i] - second[i] < NEAR_TIE), NEW_TOKENS)
+    assert got[:tie] == expected[:tie]
+    assert tie == NEW_TOKENS or scores[tie, got[tie]] >= best[tie] - NEAR_TIE
 
 
 @pytest.fixture(scope="session")
@@ -113,8 +122,15 @@ def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(moe_model):
     sampling = Sampling(temperature=1.0, top_p=0.95, top_k=50, min_p=0.01, seed=3)
     first, second = greedy(model, prompt, 20, sampling=sampling), greedy(model, prompt, 20, sampling=sampling)
     assert first == second
-    assert greedy(model, prompt, 20, sampling=Sampling(temperature=1.0, seed=4)) != first
     assert greedy(model, prompt, 20, sampling=Sampling(temperature=1.5, top_k=1, seed=5)) == greedy(model, prompt, 20)
+    # Another seed draws otherwise: on even odds over 1,000 tokens, not on what random weights make likely.
+    even, counts = mx.zeros((1, 1000)), mx.zeros((1000,), mx.int32)
+
+    def draws(seed: int) -> list[int]:
+        sample = make_sampler(Sampling(temperature=1.0, seed=seed))
+        return [sample(even, counts).item() for _ in range(20)]
+
+    assert draws(3) == draws(3) and draws(3) != draws(4)
 
 
 def test_sampling_filters_keep_only_the_allowed_tokens():
@@ -169,10 +185,24 @@ def test_a_bad_value_in_generation_config_names_the_file():
         default_sampling(True, {"top_p": 2})
     assert default_sampling(False, {"top_p": 2}) == default_sampling(False)  # non-thinking mode does not read it
     assert default_sampling(True, {"top_k": None}).top_k == 20  # a null is not a value
+class NeverSaying:
+    """The model with some tokens never chosen (logit -inf), so that a test holds whatever the weights prefer."""
+
+    def __init__(self, model, token_ids):
+        self.model = model
+        self.mask = mx.zeros((model.config.vocab_size,)).at[mx.array(list(token_ids))].add(-float("inf"))
+
+    def __call__(self, tokens, cache=None):
+        return self.model(tokens, cache) + self.mask
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
 
 
 def test_thinking_budget_closes_the_thought_with_qwens_text(moe_model):
     model, tokenizer = moe_model
+    # Neither closing the thought early, nor opening another, nor stopping: only the budget's work is seen.
+    model = NeverSaying(model, {tokenizer.think_start_id, tokenizer.think_end_id, *tokenizer.eos_token_ids})
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=True) + [tokenizer.think_start_id]
     steps = list(stream_generate(model, tokenizer, prompt, sampling=Sampling(), max_tokens=40, thinking_budget=5))
     budget = tokenizer.encode(THINKING_BUDGET_TEXT)

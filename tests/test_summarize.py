@@ -2,6 +2,7 @@
 
 import json
 import re
+import tracemalloc
 
 import mlx.core as mx
 import pytest
@@ -10,7 +11,7 @@ from typer.testing import CliRunner
 import qwenmlx.summarize as summarize_module
 from qwenmlx.checkpoint import load
 from qwenmlx.cli import app
-from qwenmlx.documents import read_document
+from qwenmlx.documents import Document, read_document
 from qwenmlx.errors import QwenMLXError
 from qwenmlx.generate import QWEN_SAMPLING, THINKING_BUDGET_TEXT, Stats, Step
 from qwenmlx.rope import RoPE
@@ -23,7 +24,9 @@ from qwenmlx.summarize import (
     detect_language,
     summarize,
 )
-from tests.documents import CHINESE, ENGLISH_LONG_CONTEXT, ENGLISH_MOE
+from qwenmlx.token_counts import MAX_PIECE_CHARS
+from tests.documents import ALL_DOCUMENTS, CHINESE, ENGLISH_LONG_CONTEXT, ENGLISH_MOE
+from tests.spy_tokenizer import EncodeSpy
 
 MAX_TOKENS = 8
 PLENTY = 10**12  # bytes: memory is not the limit
@@ -60,6 +63,25 @@ class Recorder(SummaryProgress):
         self.answer_chunks.append(text)
 
 
+@pytest.fixture
+def generations(monkeypatch):
+    """Every generation of a run, in order: its prompt's token ids and its options."""
+    calls = []
+    real_stream_generate = summarize_module.stream_generate
+
+    def recording_stream_generate(model, tokenizer, prompt_tokens, **kwargs):
+        calls.append((prompt_tokens, kwargs))
+        return real_stream_generate(model, tokenizer, prompt_tokens, **kwargs)
+
+    monkeypatch.setattr(summarize_module, "stream_generate", recording_stream_generate)
+    return calls
+
+
+def summaries_of(n_tokens: int) -> str:
+    """A stand-in for what the model writes: n_tokens of it (" word" is one token), whatever the weights."""
+    return "word" + " word" * (n_tokens - 1)
+
+
 def run(tiny, document, *, native=None, memory_budget=PLENTY, **options):
     model, tokenizer = tiny
     recorder = Recorder(model)
@@ -75,7 +97,7 @@ def test_a_document_within_the_native_window_is_one_pass_without_yarn(tiny, engl
     assert summary.plans[0].context_tokens <= tiny[0].config.max_position_embeddings
     assert summary.final_stats.generated_tokens <= MAX_TOKENS
     assert {scaling for scaling, _, _ in recorder.ropes} == {None}
-    assert "".join(recorder.answer_chunks) == summary.text  # the final answer streamed, all of it
+    assert "".join(recorder.answer_chunks).rstrip() == summary.text  # the final answer streamed, all of it
 
 
 @pytest.mark.parametrize("native, factor", [(1400, 2), (800, 3), (600, 4)])
@@ -94,39 +116,37 @@ def test_the_yarn_factor_applied_to_the_model_is_the_one_reported(tiny, english,
     assert model.layers[0].self_attn.rope.attention_factor == 1.0
 
 
-def test_past_four_times_the_window_the_parts_cover_the_document_once_in_order(tiny, english, monkeypatch):
+def test_past_four_times_the_window_the_parts_cover_the_document_once_in_order(tiny, english, generations):
     tokenizer = tiny[1]
-    prompts = []
-    real_stream_generate = summarize_module.stream_generate
-
-    def recording_stream_generate(model, tok, prompt_tokens, **kwargs):
-        prompts.append(tokenizer.decode(prompt_tokens))
-        return real_stream_generate(model, tok, prompt_tokens, **kwargs)
-
-    monkeypatch.setattr(summarize_module, "stream_generate", recording_stream_generate)
     summary, recorder = run(tiny, english, native=500)
     assert summary.strategy == MAP_REDUCE
     assert summary.plans[0].context_tokens > 4 * 500
-    assert summary.plans[-1].strategy != MAP_REDUCE
+    # Five or more part summaries of at most MAX_TOKENS tokens each fit one pass, whatever the model wrote.
+    assert [plan.strategy for plan in summary.plans] == [MAP_REDUCE, SINGLE_PASS]
 
-    level0 = [step for step in recorder.map_steps if step[0] == 0]
-    parts = [part for _, _, _, part in level0]
-    assert [index for _, index, _, _ in level0] == list(range(1, len(parts) + 1))
+    parts = [part for _, _, _, part in recorder.map_steps]
+    assert [(level, index) for level, index, _, _ in recorder.map_steps] == [(0, i) for i in range(1, len(parts) + 1)]
     assert len(parts) >= 5
     assert "".join(parts) == english.text.strip()
-    spans = [(p.start, p.end) for p in summary.parts if p.level == 0]
+    spans = [(p.start, p.end) for p in summary.parts]
     assert spans == [(sum(map(len, parts[:i])), sum(map(len, parts[: i + 1]))) for i in range(len(parts))]
     # Each map prompt holds its own part and no other: every part reached the model once, in order.
+    prompts = [tokenizer.decode(ids) for ids, _ in generations]
+    assert len(prompts) == len(parts) + 1  # one generation per part, then the final summary
     for prompt, part in zip(prompts, parts):
         assert part.strip() in prompt
         assert sum(other.strip() in prompt for other in parts) == 1
-    assert len(prompts) == len(summary.parts) + 1  # one generation per part, then the final summary
-    for i, part in enumerate(summary.parts[: len(parts)], 1):
-        assert f"Part {i} of {len(parts)}:\n{part.summary}" in prompts[-1] or part.level > 0
+    # The final prompt holds every part's summary in order, as the tokenizer reads text (it normalises to NFC).
+    for part in summary.parts:
+        listed = f"Part {part.index} of {len(parts)}:\n{part.summary}"
+        assert tokenizer.decode(tokenizer.encode(listed)) in prompts[-1]
 
 
-def test_when_memory_is_the_limit_the_summaries_are_summarised_again(tiny, english):
+def test_when_memory_is_the_limit_the_summaries_are_summarised_again(tiny, english, monkeypatch):
     model = tiny[0]
+    # Part summaries as long as they may be, so that level 1 is over the limit too whatever the weights.
+    monkeypatch.setattr(Summarizer, "generate", lambda self, prompt, plan, answer_tokens, final: summaries_of(
+        answer_tokens))
     probe = limits_for(model, memory_budget=0)
     summary, recorder = run(tiny, english, memory_budget=probe.memory_needed(256, kv_bits=8), max_tokens=16)
     assert summary.strategy == MAP_REDUCE
@@ -162,11 +182,13 @@ def test_thinking_is_off_by_default_with_qwens_non_thinking_sampling(tiny):
     assert on.reserved(100) > off.reserved(100) == 100  # thinking gets its own budget
 
 
-def test_with_thinking_on_the_thought_gets_its_own_tokens(tiny, english):
+def test_with_thinking_on_the_thought_gets_its_own_tokens(tiny, english, generations):
     summary, _ = run(tiny, english, think=True)
     plan = summary.plans[0]
     assert plan.answer_tokens == 2 * MAX_TOKENS + len(tiny[1].encode(THINKING_BUDGET_TEXT))
-    assert MAX_TOKENS <= summary.final_stats.generated_tokens <= plan.answer_tokens
+    assert [(options["max_tokens"], options["thinking_budget"]) for _, options in generations] == [
+        (plan.answer_tokens, MAX_TOKENS)]
+    assert summary.final_stats.generated_tokens <= plan.answer_tokens
 
 
 def test_thinking_is_not_part_of_the_summary():
@@ -178,6 +200,79 @@ def test_thinking_is_not_part_of_the_summary():
     assert text == "".join(streamed) == "Qwen3 uses 128 experts."
     assert thoughts == [1, 2, 3]
     assert returned_stats is stats
+
+
+class FirstMapStep(Exception):
+    pass
+
+
+class PhaseRecorder(SummaryProgress):
+    """Keeps the progress of tokenising and splitting, and stops the run at its first map step."""
+
+    def __init__(self):
+        self.tokenized, self.split = [], []
+
+    def tokenizing(self, done, total):
+        self.tokenized.append((done, total))
+
+    def splitting(self, done, total):
+        self.split.append((done, total))
+
+    def map_step(self, level, index, total, part):
+        raise FirstMapStep
+
+
+def test_a_long_document_is_tokenised_and_split_a_bounded_piece_at_a_time_with_progress_to_the_end(tiny):
+    model, tokenizer = tiny
+    articles = "\n\n".join(path.read_text(encoding="utf-8") for path in ALL_DOCUMENTS)
+    # 2.3 MB: articles with headings, a run with no line break or space, and lines with no paragraphs.
+    text = "\n\n".join([articles] * 100 + ["模型" * 10_000, "some text\n" * 20_000]).strip()
+    spy, recorder = EncodeSpy(tokenizer), PhaseRecorder()
+    limits = limits_for(model, memory_budget=PLENTY)
+    tracemalloc.start()
+    with pytest.raises(FirstMapStep):
+        summarize(model, spy, Document("long.md", text, "text"), SummaryOptions(max_tokens=64), progress=recorder,
+                  limits=limits)
+    _, peak_bytes = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert recorder.tokenized[-1] == recorder.split[-1] == (len(text), len(text))
+    assert all(done < total for done, total in recorder.split[:-1])  # one report per part, the last at the end
+    assert max(spy.encoded_chars) <= MAX_PIECE_CHARS
+    # Token ids are never all held at once: a million of them in a list would take 36 MB.
+    assert peak_bytes < 4 * len(text)
+
+
+def bars_after(tiny, english, monkeypatch, interrupt_at: int | None):
+    """The CLI's bars after a map-reduce run, Ctrl-C arriving at generation number interrupt_at (None: never)."""
+    from qwenmlx.cli import SummaryBars
+
+    calls = []
+
+    def generate(self, prompt, plan, answer_tokens, final):
+        calls.append(prompt)
+        if len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        return summaries_of(answer_tokens)
+
+    monkeypatch.setattr(Summarizer, "generate", generate)
+    model, tokenizer = tiny
+    bars = SummaryBars()
+    try:
+        summarize(model, tokenizer, english, SummaryOptions(max_tokens=MAX_TOKENS), progress=bars,
+                  limits=limits_for(model, native=500, memory_budget=PLENTY))
+    except KeyboardInterrupt:
+        assert interrupt_at is not None
+    finally:
+        bars.close()  # as the CLI does, however the run ends
+    assert len(calls) == interrupt_at or interrupt_at is None
+    return bars.bars.tasks[bars.tasks["map0"]]
+
+
+def test_a_map_step_bar_is_complete_when_every_part_is_summarised_not_when_ctrl_c_stops_it(tiny, english, monkeypatch):
+    finished = bars_after(tiny, english, monkeypatch, interrupt_at=None)
+    assert finished.finished and finished.total >= 5
+    interrupted = bars_after(tiny, english, monkeypatch, interrupt_at=3)
+    assert (interrupted.completed, interrupted.finished) == (2, False)
 
 
 @pytest.mark.parametrize("options, message", [
@@ -247,4 +342,15 @@ def test_cli_errors_are_one_line_and_exit_1(moe_dir, args, message):
     result = runner.invoke(app, ["summarize", *args, "--model", str(moe_dir)])
     assert result.exit_code == 1
     assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_ctrl_c_is_one_line_and_exit_130(moe_dir, monkeypatch):
+    def interrupted(self, prompt, plan, answer_tokens, final):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Summarizer, "generate", interrupted)
+    result = runner.invoke(app, ["summarize", str(ENGLISH_MOE), "--model", str(moe_dir)])
+    assert result.exit_code == 130
+    assert result.stderr.strip().splitlines()[-1] == "interrupted"
     assert "Traceback" not in result.output
