@@ -27,6 +27,7 @@ ROWS = [
     # --- destinations: what a command may replace ---
     Row("convert-onto-missing-source", ("convert", "{tmp}/nope", "{tmp}/out"), "nope"),
     # --- chat sessions ---
+    Row("chat-max-kv-size-zero", ("chat", "-m", "{model}", "--max-kv-size", "0"), "--max-kv-size 0", stdin=b""),
     # --- options and config values ---
     Row("generate-threads-zero", ("generate", "-m", "{model}", "-p", "hi", "--threads", "0"), "--threads"),
     # --- documents, prompts and templates ---
