@@ -10,14 +10,18 @@ to contiguous positions, as llama.cpp's context shift does, so positions never e
 
 import json
 import math
+import os
+import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 
+from .checkpoint import safetensors_header
 from .errors import QwenMLXError
 from .parallel import NO_CORES, Cores
 
 SUPPORTED_KV_BITS = (4, 8)
+CACHE_HEADER_KEY = "qwenmlx_caches"  # in a saved cache's safetensors metadata: each layer's describe()
 
 
 class KVCache:
@@ -116,6 +120,14 @@ class KVCache:
 
     def describe(self) -> dict:
         return {"type": type(self).__name__, "offset": self.offset, "bits": self.bits, "group_size": self.group_size}
+
+    def settings(self) -> dict:
+        """How the cache was made, without what it holds: caches with equal settings can stand in for each other."""
+        return {k: v for k, v in self.describe().items() if k not in ("offset", "evicted")}
+
+    def settings_in_words(self) -> str:
+        bound = f"bounded to {self.max_size} tokens" if self.max_size else "unbounded"
+        return f"{self.bits}-bit, {bound}" if self.bits else f"float, {bound}"
 
 
 class RotatingKVCache(KVCache):
@@ -220,14 +232,30 @@ def make_cache(model, max_kv_size: int | None = None, kv_bits: int | None = None
 
 
 def save_caches(path: str | Path, caches: list[KVCache], metadata: dict | None = None) -> None:
-    """Write every layer's held tokens to one safetensors file, with how to rebuild the caches in its metadata."""
+    """Write every layer's held tokens to one safetensors file, with how to rebuild the caches in its metadata.
+
+    Written to a temporary file beside path, then renamed: a failed write leaves nothing behind.
+    """
     path = Path(path)
     arrays = {f"{i}.{j}": a for i, cache in enumerate(caches) for j, a in enumerate(cache.state)}
-    header = {"qwenmlx_caches": json.dumps([c.describe() for c in caches]),
+    header = {CACHE_HEADER_KEY: json.dumps([c.describe() for c in caches]),
               "qwenmlx_metadata": json.dumps(metadata or {})}
-    tmp = path.with_name(path.name + ".tmp.safetensors")
-    mx.save_safetensors(str(tmp), arrays, metadata=header)
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".safetensors")
+    os.close(fd)
+    try:
+        mx.save_safetensors(tmp, arrays, metadata=header)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def is_cache_file(path: Path) -> bool:
+    """Whether path is a cache file save_caches wrote (read from its header only)."""
+    try:
+        return CACHE_HEADER_KEY in safetensors_header(path).get("__metadata__", {})
+    except QwenMLXError:
+        return False
 
 
 def load_caches(path: str | Path) -> tuple[list[KVCache], dict]:
@@ -237,20 +265,29 @@ def load_caches(path: str | Path) -> tuple[list[KVCache], dict]:
         raise QwenMLXError(f"{path}: no such file")
     try:
         arrays, header = mx.load(str(path), return_metadata=True)
-        layers = json.loads(header["qwenmlx_caches"])
+        layers = json.loads(header[CACHE_HEADER_KEY])
         metadata = json.loads(header["qwenmlx_metadata"])
-    except (KeyError, ValueError, RuntimeError) as e:
+        caches = []
+        for i, d in enumerate(layers):
+            n_parts = 2 if d["bits"] is None else 6
+            caches.append(rebuild_cache(d, [arrays[f"{i}.{j}"] for j in range(n_parts)] if d["offset"] else []))
+    except (KeyError, TypeError, ValueError, RuntimeError, QwenMLXError) as e:
         raise QwenMLXError(f"{path}: not a qwenmlx KV cache file ({e})") from None
-    caches = []
-    for i, d in enumerate(layers):
-        if d["type"] == "RotatingKVCache":
-            cache = RotatingKVCache(d["max_size"], d["keep"], d["bits"], d["group_size"], d["evict"])
-            cache.evicted = d["evicted"]
-        else:
-            cache = KVCache(d["bits"], d["group_size"])
-        n_parts = 2 if d["bits"] is None else 6
-        if d["offset"]:
-            cache.buffers = [arrays[f"{i}.{j}"] for j in range(n_parts)]
-            cache.offset = d["offset"]
-        caches.append(cache)
     return caches, metadata
+
+
+def rebuild_cache(description: dict, buffers: list[mx.array]) -> KVCache:
+    """One layer's cache from its describe() and the arrays it held."""
+    d = description
+    if d["type"] == "RotatingKVCache":
+        cache = RotatingKVCache(d["max_size"], d["keep"], d["bits"], d["group_size"], d["evict"])
+        cache.evicted = d["evicted"]
+    elif d["type"] == "KVCache":
+        cache = KVCache(d["bits"], d["group_size"])
+    else:
+        raise ValueError(f"unknown cache type {d['type']!r}")
+    if any(b.ndim != 4 or b.shape[2] < d["offset"] for b in buffers):
+        raise ValueError(f"arrays shorter than the {d['offset']} tokens held")
+    if buffers:
+        cache.buffers, cache.offset = buffers, d["offset"]
+    return cache

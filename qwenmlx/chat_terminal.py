@@ -1,8 +1,16 @@
 """The terminal chat (the CLI's `chat` command): read a message, stream the answer with rich, handle /commands.
 
-All conversation logic lives in chat.ChatSession; this module only reads, prints and dispatches.
+All conversation logic lives in chat.ChatSession; this module only reads, prints and dispatches. From a
+terminal, lines are read with prompt_toolkit: the terminal's own line editing (canonical mode) cuts a
+line at 4,095 characters, prompt_toolkit has no limit and adds editing and the session's history.
+Piped input is read as it comes.
 """
 
+import sys
+
+from prompt_toolkit import PromptSession
+from prompt_toolkit.history import InMemoryHistory
+from prompt_toolkit.key_binding import KeyBindings
 from rich.console import Console, Group
 from rich.live import Live
 from rich.markdown import Markdown
@@ -13,80 +21,130 @@ from .chat import ChatSession
 from .errors import QwenMLXError
 
 HELP = """\
-Type a message and press Enter. End a line with \\ to continue it, or wrap several lines in \"\"\".
+Type a message and press Enter. End a line with \\ to continue it, wrap several lines in \"\"\",
+or type /paste for a block of any text that ends with Ctrl-D.
   /think, /no_think   switch thinking on or off for the next answers (Qwen3's soft switches)
   /hide_thinking      hide or show the <think> part while it streams
   /system TEXT        set the system prompt (empty: none)
   /reset              forget the conversation
   /save FILE          save the history (JSON) and the KV cache (FILE.kv.safetensors)
-  /load FILE          load a saved chat
+  /load FILE          load a saved chat (this session's settings stay; its KV cache only if it fits them)
   /stats              figures of the last answer and the context
-  /help, /exit        this text; leave (Ctrl-D also leaves; Ctrl-C stops an answer)"""
+  /help, /exit        this text; leave (Ctrl-D also leaves; Ctrl-C stops an answer or drops the line typed)"""
 
 
-CONTINUATION = Text("... ", style="dim")
+PROMPT, CONTINUATION = [("ansigreen bold", ">>> ")], [("ansibrightblack", "... ")]  # prompt_toolkit's styled text
+
+
+class LineEditor:
+    """Lines from the terminal through prompt_toolkit, with the session's history (Up/Down) and editing."""
+
+    def __init__(self):
+        history = InMemoryHistory()
+        self.lines = PromptSession(history=history)
+        block_keys = KeyBindings()
+        block_keys.add("c-d")(lambda event: event.current_buffer.validate_and_handle())
+        self.blocks = PromptSession(history=history, multiline=True, key_bindings=block_keys,
+                                    prompt_continuation=CONTINUATION)
+
+    def line(self, continued: bool = False) -> str:
+        return self.lines.prompt(CONTINUATION if continued else PROMPT)
+
+    def block(self) -> str:
+        """Text of any length and lines: Enter starts a new line, Ctrl-D (or Esc Enter) sends it."""
+        return self.blocks.prompt(CONTINUATION)
+
+
+class PipedLines:
+    """Lines from a pipe or a file (no terminal in between, so no length limit either)."""
+
+    def __init__(self, console: Console):
+        self.console = console
+
+    def line(self, continued: bool = False) -> str:
+        return self.console.input(Text("... ", style="dim") if continued else "[bold green]>>> [/bold green]")
+
+    def block(self) -> str:
+        """Every line up to the end of the input."""
+        lines = []
+        try:
+            while True:
+                lines.append(self.line(continued=True))
+        except EOFError:
+            return "\n".join(lines)
+
+
+def is_command(line: str) -> bool:
+    return line.startswith("/") and line.strip() != "/paste"
 
 
 class ChatTerminal:
     def __init__(self, session: ChatSession, console: Console, *, plain: bool = False, hide_thinking: bool = False):
         self.session, self.console, self.plain, self.hide_thinking = session, console, plain, hide_thinking
+        self.reader = LineEditor() if sys.stdin.isatty() and sys.stdout.isatty() else PipedLines(console)
 
     def run(self) -> None:
         self.console.print(f"[bold]qwenmlx chat[/bold] · thinking {'on' if self.session.thinking else 'off'} · "
                            "/help for commands, Ctrl-D to leave", highlight=False)
         while True:
             try:
-                text = self.read_message()
+                first = self.reader.line()
+                text = first if is_command(first) else self.read_message(first)
             except EOFError:
                 self.console.print()
                 return
             except KeyboardInterrupt:
-                self.console.print("\n[dim](Ctrl-D or /exit to leave)[/dim]")
+                self.console.print("\n[dim](Ctrl-D or /exit to leave)[/dim]", highlight=False)
                 continue
-            if not text.strip():
-                continue
-            if text.startswith("/"):
-                if self.command(text.strip()) == "exit":
+            if is_command(first):
+                if self.command(first.strip()) == "exit":
                     return
-                continue
-            self.answer(text)
+            elif text.strip():
+                self.answer(text)
 
-    def read_message(self) -> str:
-        """One message: a line, lines continued with a trailing backslash, or a block between triple quotes."""
-        line = self.console.input("[bold green]>>> [/bold green]")
-        if line.strip() == '"""':
+    def read_message(self, first: str) -> str:
+        """One message: a line, lines continued with a trailing backslash, a block between triple quotes, or /paste."""
+        if first.strip() == "/paste":
+            self.console.print("[dim](paste or type; Ctrl-D sends, Ctrl-C cancels)[/dim]", highlight=False)
+            return self.reader.block()
+        if first.strip() == '"""':
             lines = []
-            while (line := self.console.input(CONTINUATION)).strip() != '"""':
+            while (line := self.reader.line(continued=True)).strip() != '"""':
                 lines.append(line)
             return "\n".join(lines)
-        lines = [line]
+        lines = [first]
         while lines[-1].endswith("\\"):
             lines[-1] = lines[-1][:-1]
-            lines.append(self.console.input(CONTINUATION))
+            lines.append(self.reader.line(continued=True))
         return "\n".join(lines)
 
     def answer(self, text: str) -> None:
-        thinking, answer = Text(style="dim"), Text()
-        live = None if self.plain else Live(Group(thinking, answer), console=self.console,
+        thinking, answer, progress = Text(style="dim"), Text(), Text(style="dim")
+        live = None if self.plain else Live(Group(thinking, answer, progress), console=self.console,
                                             refresh_per_second=8, vertical_overflow="visible")
-        steps = self.session.reply(text)
+        steps, refused = self.session.reply(text), None
         try:
             if live:
                 live.start()
-            for step in steps:
+            for n, step in enumerate(steps, 1):
+                progress.plain = f"generating · {n} tokens"  # shown until the answer ends, hidden thinking included
                 if step.thinking and self.hide_thinking:
                     continue
                 if self.plain:
                     self.console.out(step.text, end="", style="dim" if step.thinking else None, highlight=False)
                 else:
                     (thinking if step.thinking else answer).append(step.text)
-            if live:
-                live.update(Group(thinking, Markdown(answer.plain)))
         except KeyboardInterrupt:
             steps.close()
+        except QwenMLXError as e:  # the message does not fit the window: nothing was sent
+            refused = e
         finally:
             if live:
+                live.update(Group(thinking, Markdown(answer.plain)))  # the answer as Markdown, without the progress
                 live.stop()
+        if refused:
+            self.console.print(f"[red]error:[/red] {refused}", highlight=False)
+            return
         if self.plain:
             self.console.out("")
         self.status_line()
@@ -131,9 +189,11 @@ class ChatTerminal:
                     self.console.print(f"saved {len(session.messages)} messages to {session.save(arg)}",
                                        highlight=False)
                 else:
-                    session.load(arg)
+                    notes = session.load(arg)
                     self.console.print(f"loaded {len(session.messages)} messages "
                                        f"({session.context_used} tokens of cache) from {arg}", highlight=False)
+                    for note in notes:
+                        self.console.print(f"[dim]note: {note}[/dim]", highlight=False)
             except QwenMLXError as e:
                 self.console.print(f"[red]error:[/red] {e}", highlight=False)
         elif name == "/stats":

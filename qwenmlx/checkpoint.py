@@ -6,6 +6,7 @@ read lazily from the safetensors files: nothing is materialised until the final 
 then in the compute dtype.
 """
 
+import hashlib
 import json
 import re
 import struct
@@ -106,6 +107,43 @@ def weight_files(model_dir: Path) -> list[Path]:
     if not files:
         raise QwenMLXError(f"{model_dir}: no *.safetensors weight files")
     return files
+
+
+FINGERPRINT_SAMPLES, FINGERPRINT_SAMPLE_BYTES = 16, 4096
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """Which checkpoint a directory holds, as a hex string, from 64 KiB per weight file rather than all of it.
+
+    Hashes config.json, each weight file's safetensors header and a few evenly spaced samples of its
+    bytes (checkpoints of one architecture, a fine-tune and its base, share every header). The same
+    checkpoint gives the same fingerprint wherever it is stored, so a saved KV cache can name its model.
+    """
+    model_dir = Path(model_dir)
+    digest = hashlib.sha256()
+    try:
+        digest.update((model_dir / "config.json").read_bytes())
+        for f in weight_files(model_dir):
+            digest.update(f.name.encode())
+            digest.update(json.dumps(safetensors_header(f), sort_keys=True).encode())
+            digest.update(spread_samples(f, FINGERPRINT_SAMPLES, FINGERPRINT_SAMPLE_BYTES))
+    except OSError as e:
+        raise QwenMLXError(f"{e.filename}: cannot read ({e.strerror})") from None
+    return digest.hexdigest()
+
+
+def spread_samples(path: Path, count: int, size: int) -> bytes:
+    """count pieces of size bytes, evenly spaced from the start to the end of the file (all of it if smaller)."""
+    length = path.stat().st_size
+    with open(path, "rb") as f:
+        if length <= count * size:
+            return f.read()
+        stride = (length - size) // (count - 1)
+        pieces = []
+        for i in range(count):
+            f.seek(i * stride)
+            pieces.append(f.read(size))
+    return b"".join(pieces)
 
 
 def read_weights(model_dir: Path) -> dict[str, mx.array]:
@@ -224,6 +262,7 @@ def load_model(
         mx.eval(model.parameters())
     model.eval()
     model.use_cores(Cores.for_device(threads))
+    model.fingerprint = model_fingerprint(model_dir)
     return model, model_dir
 
 

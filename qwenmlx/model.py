@@ -243,6 +243,7 @@ class Model(nn.Module):
     """Qwen3ForCausalLM / Qwen3MoeForCausalLM; parameter names follow mlx-lm so its checkpoints load as they are."""
 
     cores = NO_CORES
+    fingerprint: str | None = None  # which checkpoint filled the weights (checkpoint.model_fingerprint); None: unknown
 
     def __init__(self, config: ModelConfig):
         super().__init__()

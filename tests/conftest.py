@@ -35,3 +35,9 @@ def checkpoint_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def moe_dir(checkpoint_dir) -> Path:
     return checkpoint_dir("moe")
+
+
+@pytest.fixture(scope="session")
+def moe_dir_other_weights(tmp_path_factory) -> Path:
+    """The tiny MoE checkpoint's architecture with other random weights: every safetensors header the same."""
+    return write_hf_checkpoint(tmp_path_factory.mktemp("ckpt-moe-seed-1"), MODEL_VARIANTS["moe"], seed=1)

@@ -86,6 +86,7 @@ ROWS = [
                                                                "--workdir", "{tmp}", "-o", "{tmp}/b.json"),
         "photo.jpg", files={"c.json": b"{}", "converted-qwenmlx/photo.jpg": b"mine"}),
     # --- chat sessions ---
+    Row("chat-max-kv-size-zero", ("chat", "-m", "{model}", "--max-kv-size", "0"), "--max-kv-size 0", stdin=b""),
     # --- options and config values ---
     Row("generate-threads-zero", ("generate", "-m", "{model}", "-p", "hi", "--threads", "0"), "--threads"),
     Row("generate-max-tokens-zero", (*GENERATE, "--max-tokens", "0"), "--max-tokens must be at least 1, got 0"),

@@ -143,3 +143,15 @@ def test_loading_a_file_that_is_not_a_cache_names_it(tmp_path):
         load_caches(path)
     with pytest.raises(QwenMLXError, match="missing.safetensors: no such file"):
         load_caches(tmp_path / "missing.safetensors")
+
+
+def test_a_cache_file_missing_arrays_its_header_describes_names_it(model, tmp_path):
+    cache = make_cache(model)
+    run(model, cache, tokens(5), 5)
+    path = tmp_path / "cache.safetensors"
+    save_caches(path, cache)
+    arrays, header = mx.load(str(path), return_metadata=True)
+    del arrays["2.1"]
+    mx.save_safetensors(str(path), arrays, metadata=header)
+    with pytest.raises(QwenMLXError, match="cache.safetensors: not a qwenmlx KV cache file"):
+        load_caches(path)

@@ -124,3 +124,112 @@ def test_a_rotating_cache_bounds_the_chat_and_reports_what_it_evicted(model_and_
         assert session.context_used <= 64
         evicted += session.last_turn.evicted_tokens
     assert evicted > 0 and session.cache[0].evicted == evicted
+
+
+# --- save and load: nothing left behind, nothing silently wrong ---
+
+@pytest.fixture(scope="module")
+def saved_chat(model_and_tokenizer, tmp_path_factory):
+    """A two-turn chat saved by the tiny MoE model with a float, unbounded cache and thinking on."""
+    session = greedy_session(model_and_tokenizer, system="Be brief.")
+    say(session, "Hello!")
+    say(session, "How are you?")
+    return session.save(tmp_path_factory.mktemp("saved") / "chat.json")
+
+
+@pytest.fixture(scope="module", params=["other KV shapes", "same shapes, other weights"])
+def other_model(request, checkpoint_dir, moe_dir_other_weights):
+    """A model with as many layers as the tiny MoE that made saved_chat, but another one."""
+    return load(checkpoint_dir("dense") if request.param == "other KV shapes" else moe_dir_other_weights)
+
+
+def files_in(directory) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def test_saving_onto_a_directory_fails_before_writing_anything(model_and_tokenizer, tmp_path):
+    session = greedy_session(model_and_tokenizer)
+    say(session, "Hello!")
+    (tmp_path / "chats").mkdir()
+    with pytest.raises(QwenMLXError, match="chats: is a directory"):
+        session.save(tmp_path / "chats")
+    assert files_in(tmp_path) == ["chats"]
+
+
+@pytest.mark.parametrize("existing", ["chat.json", "chat.json.kv.safetensors"])
+def test_saving_where_a_file_not_written_by_a_save_exists_keeps_the_file(model_and_tokenizer, tmp_path, existing):
+    (tmp_path / existing).write_text("my notes")
+    with pytest.raises(QwenMLXError, match=f"{existing}: exists and is not a "):
+        greedy_session(model_and_tokenizer).save(tmp_path / "chat.json")
+    assert (tmp_path / existing).read_text() == "my notes" and files_in(tmp_path) == [existing]
+
+
+def test_saving_again_onto_a_saved_chat_replaces_it(model_and_tokenizer, tmp_path):
+    session = greedy_session(model_and_tokenizer)
+    say(session, "Hello!")
+    session.save(tmp_path / "chat.json")
+    say(session, "Again.")
+    session.save(tmp_path / "chat.json")
+    assert len(json.loads((tmp_path / "chat.json").read_text())["messages"]) == 4
+    assert files_in(tmp_path) == ["chat.json", "chat.json.kv.safetensors"]
+
+
+def test_a_chat_saved_under_another_model_loads_its_history_and_drops_the_cache(other_model, saved_chat):
+    session = greedy_session(other_model)
+    notes = session.load(saved_chat)
+    assert session.context_used == 0 and len(session.messages) == 4
+    assert any("made by another model" in note for note in notes)
+    ask_and_check_against_fresh(other_model, session, "Still there?")  # the history prefilled by this model
+
+
+def test_loading_keeps_the_sessions_cache_settings_and_thinking_and_says_so(model_and_tokenizer, saved_chat):
+    for settings, kept in [(dict(kv_bits=8), "8-bit, unbounded"), (dict(max_kv_size=256), "float, bounded to 256 tokens")]:
+        session = greedy_session(model_and_tokenizer, thinking=False, **settings)
+        notes = session.load(saved_chat)
+        assert session.context_used == 0 and session.cache[0].settings_in_words() == kept and not session.thinking
+        assert f"is float, unbounded, this session's {kept}" in " ".join(notes)
+        assert "thinking stays off" in " ".join(notes)
+        never_saved = greedy_session(model_and_tokenizer, thinking=False, **settings)
+        never_saved.system, never_saved.messages = session.system, list(session.messages)
+        assert say(session, "Still there?") == say(never_saved, "Still there?")
+
+
+BROKEN_CHATS = {
+    "messages-not-a-list": {"system": None, "thinking": True, "messages": "Hello!"},
+    "message-not-a-dict": {"system": None, "thinking": True, "messages": ["Hello!"]},
+    "message-without-content": {"system": None, "thinking": True, "messages": [{"role": "user"}]},
+    "message-of-another-role": {"system": None, "thinking": True, "messages": [{"role": "tool", "content": "x"}]},
+    "system-not-text": {"system": 3, "thinking": True, "messages": []},
+}
+
+
+@pytest.mark.parametrize("name", ["a-directory", "corrupt-cache", *BROKEN_CHATS])
+def test_a_load_that_fails_names_the_file_and_leaves_the_session_as_it_was(model_and_tokenizer, saved_chat, tmp_path,
+                                                                            name):
+    path = tmp_path / "chat.json"
+    if name == "a-directory":
+        path.mkdir()
+    elif name == "corrupt-cache":
+        path.write_bytes(saved_chat.read_bytes())
+        cache = saved_chat.with_name("chat.json.kv.safetensors").read_bytes()
+        path.with_name("chat.json.kv.safetensors").write_bytes(cache[: len(cache) // 2])
+    else:
+        path.write_text(json.dumps(BROKEN_CHATS[name]))
+    session = greedy_session(model_and_tokenizer, system="Mine.")
+    say(session, "Hello!")
+    before = (list(session.messages), session.context_used)
+    with pytest.raises(QwenMLXError, match="chat.json"):
+        session.load(path)
+    assert (session.messages, session.context_used, session.system) == (*before, "Mine.")
+
+
+@pytest.mark.parametrize("max_kv_size", [None, 256])
+def test_a_message_longer_than_the_window_is_refused_and_the_history_kept(model_and_tokenizer, max_kv_size):
+    session = greedy_session(model_and_tokenizer, max_kv_size=max_kv_size)
+    say(session, "Hello!")
+    before = (list(session.messages), session.context_used)
+    too_long = "word " * session.window
+    with pytest.raises(QwenMLXError, match=r"message not sent: it takes \d+ tokens"):
+        say(session, too_long)
+    assert (session.messages, session.context_used) == before
+    say(session, "word " * (session.window // 2))  # what fits still goes through

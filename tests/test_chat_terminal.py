@@ -2,10 +2,12 @@
 
 import json
 import sys
-import time
 
 import pexpect
 import pytest
+
+from qwenmlx.chat import ChatSession
+from qwenmlx.checkpoint import load
 
 PROMPT = ">>> "
 
@@ -14,7 +16,8 @@ def start_chat(model_dir, *options) -> pexpect.spawn:
     # codec_errors: the terminal echoes ^C wherever it lands, even inside a character's UTF-8 bytes.
     child = pexpect.spawn(sys.executable, ["-m", "qwenmlx", "chat", "--model", str(model_dir), "--temp", "0", *options],
                           encoding="utf-8", codec_errors="replace", timeout=30, dimensions=(40, 200),
-                          env={"TERM": "xterm", "PYTHONPATH": "."})
+                          # pexpect is no terminal emulator: it cannot answer prompt_toolkit's cursor position requests
+                          env={"TERM": "xterm", "PYTHONPATH": ".", "PROMPT_TOOLKIT_NO_CPR": "1"})
     child.expect("qwenmlx chat")
     child.expect_exact(PROMPT)
     return child
@@ -69,13 +72,17 @@ def test_load_then_ctrl_c_stops_the_answer_but_not_the_chat(endless_dir, saved_c
     child = start_chat(endless_dir, "--max-tokens", "100000")
     command(child, f"/load {saved_chat}", r"loaded 4 messages \(\d+ tokens of cache\)")
     child.sendline("Tell me a very long story.")
-    child.expect_exact("Tell me a very long story.")
-    time.sleep(2)  # the answer is streaming (100,000 tokens would take minutes)
+    child.expect(r"generating · [1-9]\d* tokens")  # the answer is streaming (100,000 tokens would take minutes)
     child.sendintr()
     child.expect(r"interrupted · [1-9]\d* tokens")
     child.expect_exact(PROMPT)
     command(child, "/stats", r"messages\s+6")
     command(child, "/reset", "conversation reset")
+    child.send("half a line")
+    child.sendintr()  # at the prompt: the line is dropped
+    child.expect_exact("(Ctrl-D or /exit to leave)")
+    child.expect_exact(PROMPT)
+    command(child, "/stats", r"messages\s+0")
     child.sendeof()  # Ctrl-D
     child.expect(pexpect.EOF)
     child.close()
@@ -89,3 +96,66 @@ def test_a_missing_default_model_is_one_clear_line(tmp_path):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 1
+
+
+@pytest.fixture(scope="module")
+def chat_saved_by_moe(moe_dir, tmp_path_factory):
+    """A two-turn chat with its KV cache, saved by the tiny MoE model."""
+    session = ChatSession(*load(moe_dir), temperature=0.0, max_tokens=8)
+    for text in ("Hello!", "How are you?"):
+        list(session.reply(text))
+    return session.save(tmp_path_factory.mktemp("saved") / "chat.json")
+
+
+@pytest.mark.parametrize("other", ["dense", "moe-other-weights"])
+def test_loading_a_chat_saved_under_another_model_drops_its_cache_and_the_chat_goes_on(
+        other, checkpoint_dir, moe_dir_other_weights, chat_saved_by_moe):
+    child = start_chat(checkpoint_dir("dense") if other == "dense" else moe_dir_other_weights, "--max-tokens", "8")
+    command(child, f"/load {chat_saved_by_moe.parent}", "error:.*: is a directory, not a saved chat")
+    child.sendline(f"/load {chat_saved_by_moe}")
+    child.expect(r"loaded 4 messages \(0 tokens of cache\)")
+    child.expect("note: the saved KV cache was made by another model: dropped")
+    child.expect_exact(PROMPT)
+    child.sendline("Still there?")
+    child.expect(r"8 tokens .* prefill \d+ at \d+ tok/s · context \d+/4096")  # the whole history prefilled
+    child.expect_exact(PROMPT)
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_pasted_text_arrives_whole_a_10000_character_line_and_a_paste_block(moe_dir, tmp_path):
+    long_line = ("pasted text " * 1000)[:10_000]  # the terminal's canonical mode would cut it at 4,095
+    block = ['a block with """ quotes', "a line ending in \\", "", "the end"]
+    saved = tmp_path / "chat.json"
+    child = start_chat(moe_dir, "--max-tokens", "4", "--no-think", "--plain")
+    child.sendline(long_line)
+    child.expect(r"4 tokens .* context \d+/4096")
+    child.expect_exact(PROMPT)
+    command(child, f"/save {saved}", "saved 2 messages")
+    assert json.loads(saved.read_text())["messages"][0]["content"] == long_line
+    child.sendline("/paste")
+    child.expect("Ctrl-D sends")
+    child.expect_exact("... ")
+    child.send("\r".join(block))
+    child.sendcontrol("d")
+    child.expect(r"4 tokens .* context \d+/4096")
+    child.expect_exact(PROMPT)
+    command(child, f"/save {saved}", "saved 4 messages")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    assert json.loads(saved.read_text())["messages"][2]["content"] == "\n".join(block)
+
+
+def test_a_message_longer_than_the_window_is_refused_with_a_note(moe_dir):
+    child = start_chat(moe_dir, "--max-kv-size", "256", "--max-tokens", "8")
+    child.sendline("word " * 300)
+    # 256 less the 8 tokens kept for the answer (--max-tokens 8)
+    child.expect(r"error:.* message not sent: it takes \d+ tokens, and the context window holds 248")
+    child.expect_exact(PROMPT)
+    command(child, "/stats", r"messages\s+0")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
