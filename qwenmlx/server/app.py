@@ -118,7 +118,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, cors_origin: str |
                   respond: Callable[[openai.Call, list], dict]) -> Response:
         script = http.headers.get(TEST_HOOK_HEADER)
         if script and engine.allow_scripted:
-            request.scripted = json.loads(script)
+            request.scripted = json.loads(script)  # the tests' own header
         loop = asyncio.get_running_loop()
         try:
             job = await asyncio.to_thread(engine.prepare, request, loop)

@@ -44,7 +44,7 @@ class Request:
     stop: list[str] = field(default_factory=list)
     thinking_budget: int | None = None
     top_logprobs: int | None = None  # None: no logprobs; n: the chosen token's and the n likeliest
-    scripted: dict | None = None  # test hook ({"reply": text} or {"fail": message}); only where allowed
+    scripted: dict | None = None  # test hook ({"reply": text} or {"fail": message}); set only where allowed
 
 
 @dataclass
@@ -141,8 +141,11 @@ class Job:
         self.cancelled.set()
 
     def send(self, event) -> None:
-        """From the generation thread."""
-        self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        """From the generation thread; dropped when the event loop has already closed (the server stopping)."""
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        except RuntimeError:
+            self.cancel()
 
     async def events(self) -> AsyncIterator:
         """Text and ToolCall pieces, then Finished or Failed."""
@@ -220,8 +223,6 @@ class Engine:
             raise RequestError(f"the prompt is {len(prompt)} tokens, which does not fit the model's context of "
                                f"{self.context} tokens", param, "context_length_exceeded")
         max_tokens = min(n for n in (request.max_tokens, self.max_tokens, room) if n is not None)
-        if request.scripted and not self.allow_scripted:
-            request.scripted = None
         return Job(request, prompt, request.messages is not None, sampling, max_tokens, loop)
 
     def submit(self, job: Job) -> None:
@@ -266,7 +267,8 @@ class Engine:
             log.error("%s failed: %s", job.request.id, e)
             self.prompt_cache.clear()
             mx.clear_cache()
-            message = f"out of memory: {e}" if isinstance(e, MemoryError) or "memory" in str(e).lower() else str(e)
+            out_of_memory = isinstance(e, MemoryError) or any(w in str(e).lower() for w in ("memory", "alloc"))
+            message = f"out of memory: {e}" if out_of_memory else f"internal error: {e}"
             job.send(Failed(500, message))
         except Exception as e:
             log.error("%s failed:\n%s", job.request.id, traceback.format_exc())

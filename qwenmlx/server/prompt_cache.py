@@ -53,11 +53,12 @@ class PromptCache:
 
     def fetch(self, namespace: str, prompt: list[int]) -> Reuse:
         """A copy of the entry sharing the longest prefix with the prompt, trimmed to that prefix."""
-        best, best_shared = None, 0
+        best, best_rank = None, (0, 0)
         for key, entry in self.entries.items():
-            shared = common_prefix_length(entry.tokens, prompt)
-            if entry.namespace == namespace and shared > best_shared:
-                best, best_shared = key, shared
+            # The most shared tokens; of equals, the fewest held (a checkpoint rather than its reply).
+            rank = (common_prefix_length(entry.tokens, prompt), -len(entry.tokens))
+            if entry.namespace == namespace and rank > best_rank:
+                best, best_rank = key, rank
         if best is None:
             return Reuse(None, 0)
         self.entries.move_to_end(best)
