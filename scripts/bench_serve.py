@@ -2,7 +2,9 @@
 
 The same model, the same requests (greedy chat completions, streamed, each prompt different so no prompt
 cache helps), measured the same way on the client: the first token is the first streamed chunk with
-text; decode speed is the tokens after it over the time to the last one.
+text; decode speed is the tokens after it over the time to the last one. Both servers run at once,
+idle but for the request at hand, and the three sides take turns on each prompt, so a machine whose
+load changes during the run changes every side's figures alike.
 
     python scripts/make_tiny_checkpoint.py /tmp/tiny          # or any Qwen3 / Qwen3-MoE directory
     python scripts/bench_serve.py /tmp/tiny --prompt-tokens 512 --max-tokens 128 --repeats 5
@@ -70,26 +72,25 @@ def figures(ttft: float, tokens: int, decode_seconds: float) -> dict:
             "decode_tps": (tokens - 1) / decode_seconds if decode_seconds > 0 else 0.0}
 
 
-def in_process(model_dir: str, requests: list[str], max_tokens: int) -> list[dict]:
-    from qwenmlx.checkpoint import load
+def in_process(model, tokenizer, prompt: str, max_tokens: int) -> dict:
     from qwenmlx.generate import Sampling, stream_generate
 
-    model, tokenizer = load(model_dir)
-    results = []
-    for prompt in requests:
-        tokens = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True)
-        for step in stream_generate(model, tokenizer, tokens, sampling=Sampling(), max_tokens=max_tokens):
-            stats = step.stats
-        results.append(figures(stats.prefill_seconds, stats.generated_tokens, stats.decode_seconds))
-    return results
+    tokens = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True)
+    for step in stream_generate(model, tokenizer, tokens, sampling=Sampling(), max_tokens=max_tokens):
+        stats = step.stats
+    return figures(stats.prefill_seconds, stats.generated_tokens, stats.decode_seconds)
 
 
-def serve_commands(model_dir: str, port: int) -> dict[str, list[str]]:
+def serve_commands(model_dir: str) -> dict[str, tuple[str, list[str]]]:
+    """Each server's URL and command line, on ports of their own."""
+    qwenmlx_port, mlx_lm_port = free_port(), free_port()
     return {
-        "qwenmlx serve": [sys.executable, "-m", "qwenmlx", "serve", "-m", model_dir, "--port", str(port),
-                          "--prompt-cache-gb", "0"],
-        "mlx_lm.server": [sys.executable, "-m", "mlx_lm.server", "--model", model_dir, "--port", str(port),
-                          "--prompt-cache-size", "0"],
+        "qwenmlx serve": (f"http://127.0.0.1:{qwenmlx_port}", [
+            sys.executable, "-m", "qwenmlx", "serve", "-m", model_dir, "--port", str(qwenmlx_port),
+            "--prompt-cache-gb", "0"]),
+        "mlx_lm.server": (f"http://127.0.0.1:{mlx_lm_port}", [
+            sys.executable, "-m", "mlx_lm.server", "--model", model_dir, "--port", str(mlx_lm_port),
+            "--prompt-cache-size", "0"]),
     }
 
 
@@ -105,14 +106,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="Requests per side (after one warm-up).")
     args = parser.parse_args()
 
-    requests = prompts(args.repeats + 1, args.prompt_tokens)
-    rows = {"in-process generate": in_process(args.model, requests, args.max_tokens)[1:]}
-    for name, command in serve_commands(args.model, port := free_port()).items():
-        url = f"http://127.0.0.1:{port}"
-        process = start(command, url)
-        try:
-            rows[name] = [through_server(url, args.model, prompt, args.max_tokens) for prompt in requests][1:]
-        finally:
+    from qwenmlx.checkpoint import load
+
+    servers = serve_commands(args.model)
+    processes = [start(command, url) for url, command in servers.values()]
+    try:
+        model, tokenizer = load(args.model)
+        sides = {"in-process generate": lambda prompt: in_process(model, tokenizer, prompt, args.max_tokens)}
+        for name, (url, _) in servers.items():
+            sides[name] = lambda prompt, url=url: through_server(url, args.model, prompt, args.max_tokens)
+        rows = {name: [] for name in sides}
+        for i, prompt in enumerate(prompts(args.repeats + 1, args.prompt_tokens)):
+            names = list(sides)[i % 3:] + list(sides)[: i % 3]  # who goes first changes every prompt
+            for name in names:
+                result = sides[name](prompt)
+                if i:  # the first prompt warms every side up
+                    rows[name].append(result)
+    finally:
+        for process in processes:
             process.terminate()
             process.wait(timeout=30)
 

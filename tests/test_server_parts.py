@@ -1,15 +1,17 @@
-"""The server's parts without a server: the reply parser, the prompt cache, SSE keep-alives, the soft switch."""
+"""The server's parts without HTTP: the reply parser, the prompt cache, SSE keep-alives, the engine."""
 
 import asyncio
 import json
+import time
 from types import SimpleNamespace
 
 import mlx.core as mx
 import pytest
 
 from qwenmlx.cache import KVCache, RotatingKVCache, copy_caches
+from qwenmlx.checkpoint import load
 from qwenmlx.server.app import with_keepalives
-from qwenmlx.server.engine import thinking_switch
+from qwenmlx.server.engine import Engine, LoadedModel, Request, thinking_switch
 from qwenmlx.server.prompt_cache import PromptCache
 from qwenmlx.server.reply import Reply, Text, ToolCall
 
@@ -218,3 +220,37 @@ def test_keepalive_comments_flow_while_no_frame_is_ready_and_frames_follow():
 
     out = asyncio.run(collect())
     assert out[0] == ": keep-alive\n\n" and out[-2:] == ["data: 1\n\n", "data: [DONE]\n\n"]
+
+
+# --- the engine, without HTTP ---
+
+
+def answer(engine: Engine, request: Request) -> tuple[list, list[int]]:
+    """Every event of one request, and its prompt's tokens."""
+
+    async def run() -> tuple[list, list[int]]:
+        job = engine.prepare(request, asyncio.get_running_loop())
+        engine.submit(job)
+        return [event async for event in job.events()], job.prompt
+
+    return asyncio.run(run())
+
+
+def test_a_reply_that_evicts_from_a_rotating_cache_leaves_an_exact_checkpoint_for_the_next_turn(moe_dir):
+    """The next turn re-renders the reply without its thinking, so it shares only the prompt with it."""
+    engine = Engine(lambda: LoadedModel(*load(moe_dir), "tiny"), name="tiny", max_kv_size=48, allow_scripted=True)
+    engine.start()
+    try:
+        while engine.state == "loading":
+            time.sleep(0.01)
+        messages = [{"role": "user", "content": "Count for me, please."}]
+        reply = "<think>\n" + "one " * 50 + "\n</think>\n\nDone."
+        events, prompt = answer(engine, Request(messages=messages, max_tokens=80, scripted={"reply": reply}))
+        assert len(prompt) + events[-1].usage.completion_tokens > 48 + 10  # the reply evicted part of the prompt
+        [checkpoint] = [e for e in engine.prompt_cache.entries.values() if e.tokens == prompt]
+        assert checkpoint.caches[0].evicted == 0 and checkpoint.caches[0].offset == len(prompt)
+        messages += [{"role": "assistant", "content": "Done."}, {"role": "user", "content": "Thanks."}]
+        events, _ = answer(engine, Request(messages=messages, max_tokens=2))
+        assert events[-1].usage.cached_tokens == len(prompt)
+    finally:
+        engine.stop()

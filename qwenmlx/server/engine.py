@@ -157,7 +157,10 @@ class Job:
 
 
 class Engine:
-    """Loads the model on its own thread, then generates for one job at a time in arrival order."""
+    """Loads the model on its own thread, then generates for one job at a time in arrival order.
+
+    Loading happens on the generation thread too: MLX streams belong to the thread that made them.
+    """
 
     def __init__(self, load: Callable[[], LoadedModel], *, name: str, max_kv_size: int | None = None,
                  kv_bits: int | None = None, prompt_cache_bytes: int = 2 << 30, max_tokens: int | None = None,
