@@ -201,14 +201,18 @@ def serve(model: str = MODEL_OPTION,
         llm, tokenizer = load_for_generation(model, threads)
         return LoadedModel(llm, tokenizer, model_key(resolve_model_dir(model)))
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     name = Path(model).resolve().name if Path(model).exists() else model
     engine = Engine(load, name=name, max_kv_size=max_kv_size, kv_bits=kv_bits,
                     prompt_cache_bytes=int(prompt_cache_gb * 1e9), max_tokens=max_tokens, max_queue=max_queue,
                     prefill_step=prefill_step, allow_scripted=os.environ.get("QWENMLX_TEST_HOOKS") == "1")
+    # uvicorn says only what goes wrong; the engine logs each request, and the address once the model is ready
+    # (so a model that fails to load gives one error line).
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key=api_key, cors_origin=cors_origin),
-                                          host=host, port=port, log_level="info"))
-    engine.start(on_load_error=lambda e: setattr(server, "should_exit", True))
+                                          host=host, port=port, log_level="warning"))
+    engine.start(on_ready=lambda: logging.getLogger("qwenmlx.server").info(
+                     "serving %s on http://%s:%d/v1 (Ctrl-C stops)", name, host, port),
+                 on_load_error=lambda e: setattr(server, "should_exit", True))
     server.run()
     if engine.load_error is not None:
         raise engine.load_error

@@ -30,6 +30,12 @@ ROWS = [
     # --- options and config values ---
     Row("generate-threads-zero", ("generate", "-m", "{model}", "-p", "hi", "--threads", "0"), "--threads"),
     # --- documents, prompts and templates ---
+    # --- the server ---
+    Row("serve-port-zero", ("serve", "-m", "{model}", "--port", "0"), "--port 0"),
+    Row("serve-max-queue-negative", ("serve", "-m", "{model}", "--max-queue", "-1"), "--max-queue -1"),
+    Row("serve-kv-bits-3", ("serve", "-m", "{model}", "--kv-bits", "3"), "--kv-bits 3"),
+    Row("serve-max-kv-size-within-the-sinks", ("serve", "-m", "{model}", "--max-kv-size", "4"), "--max-kv-size 4"),
+    Row("serve-max-tokens-zero", ("serve", "-m", "{model}", "--max-tokens", "0"), "--max-tokens 0"),
 ]
 
 

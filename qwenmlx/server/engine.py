@@ -190,8 +190,9 @@ class Engine:
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="qwenmlx-generation", daemon=True)
 
-    def start(self, on_load_error: Callable[[Exception], None] = lambda e: None) -> None:
-        self._on_load_error = on_load_error
+    def start(self, on_ready: Callable[[], None] = lambda: None,
+              on_load_error: Callable[[Exception], None] = lambda e: None) -> None:
+        self._on_ready, self._on_load_error = on_ready, on_load_error
         self._thread.start()
 
     def stop(self) -> None:
@@ -249,7 +250,7 @@ class Engine:
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.namespace = f"{loaded.key}|max_kv_size={self.max_kv_size}|kv_bits={self.kv_bits}"
         self.state = "ready"
-        log.info("model %s ready", self.name)
+        self._on_ready()
         while (job := self._queue.get()) is not None:
             with self._lock:
                 self.waiting -= 1
