@@ -231,6 +231,44 @@ def make_cache(model, max_kv_size: int | None = None, kv_bits: int | None = None
     return [KVCache(kv_bits, group_size) for _ in model.layers]
 
 
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def trim_to_shared_prefix(caches: list[KVCache], held: list[int], prompt: list[int]) -> int | None:
+    """Trim caches holding the tokens `held` back to the longest prefix they share with prompt.
+
+    One prompt token is always left to feed (generation needs the logits after it). Returns the tokens
+    reused, or None when the point where they diverge was already evicted (the caller starts over).
+    """
+    shared = min(common_prefix_length(held, prompt), len(prompt) - 1)
+    excess = len(held) - shared
+    first = caches[0]
+    trimmable = first.offset - first.keep if first.evicted else first.offset
+    if excess > trimmable:
+        return None
+    for c in caches:
+        c.trim(excess)
+    return shared
+
+
+def copy_caches(caches: list[KVCache]) -> list[KVCache]:
+    """Copies that share memory until either side writes: MLX arrays are values, a write makes a new one."""
+    copies = []
+    for cache in caches:
+        copy = object.__new__(type(cache))
+        copy.__dict__ = dict(cache.__dict__)
+        if cache.buffers is not None:
+            copy.buffers = [b[...] for b in cache.buffers]
+        copies.append(copy)
+    return copies
+
+
 def save_caches(path: str | Path, caches: list[KVCache], metadata: dict | None = None) -> None:
     """Write every layer's held tokens to one safetensors file, with how to rebuild the caches in its metadata.
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cache import KVCache, is_cache_file, load_caches, make_cache, save_caches
+from .cache import KVCache, is_cache_file, load_caches, make_cache, save_caches, trim_to_shared_prefix
 from .errors import QwenMLXError
 from .generate import Stats, Step, check_generation, default_sampling, stream_generate
 
@@ -29,15 +29,6 @@ class Turn:
     evicted_tokens: int = 0  # tokens the rotating cache dropped during this turn
     interrupted: bool = False
     stats: Stats = field(default_factory=Stats)
-
-
-def common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class ChatSession:
@@ -135,16 +126,11 @@ class ChatSession:
 
     def _reuse_cache(self, prompt: list[int]) -> int:
         """Trim the cache back to the longest prefix it shares with the prompt; returns how many tokens are reused."""
-        shared = min(common_prefix_length(self.cached_tokens, prompt), len(prompt) - 1)  # one token must be fed
-        excess = len(self.cached_tokens) - shared
-        cache = self.cache[0]
-        trimmable = cache.offset - cache.keep if cache.evicted else cache.offset
-        if excess > trimmable:  # the divergence point was evicted: start over
+        shared = trim_to_shared_prefix(self.cache, self.cached_tokens, prompt)
+        if shared is None:  # the divergence point was evicted: start over
             self.cache = make_cache(self.model, self.max_kv_size, self.kv_bits)
             self.cached_tokens = []
             return 0
-        for c in self.cache:
-            c.trim(excess)
         self.cached_tokens = self.cached_tokens[:shared]
         return shared
 

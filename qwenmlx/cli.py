@@ -193,6 +193,57 @@ def chat(model: str = MODEL_OPTION,
     ChatTerminal(session, console, plain=plain, hide_thinking=hide_thinking).run()
 
 
+# --- serve ---
+
+
+@app.command()
+@user_errors
+def serve(model: str = MODEL_OPTION,
+          host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+          port: int = typer.Option(8080, "--port"),
+          api_key: str = typer.Option(None, "--api-key", help="Require `Authorization: Bearer KEY` (not on /health)."),
+          cors_origin: str = typer.Option(None, "--cors-origin", help="Allow browser pages from this origin (CORS)."),
+          max_kv_size: int = typer.Option(None, "--max-kv-size", help="Bound each request's KV cache to N tokens."),
+          kv_bits: int = typer.Option(None, "--kv-bits", help="Quantize the KV cache to 8 or 4 bits."),
+          prompt_cache_gb: float = typer.Option(2.0, "--prompt-cache-gb",
+                                                help="Memory for KV caches kept across requests; 0 keeps none."),
+          max_tokens: int = typer.Option(None, "--max-tokens", help="Longest answer (default: up to the context)."),
+          max_queue: int = typer.Option(16, "--max-queue", help="Requests that may wait; past that, 503."),
+          prefill_step: int = PREFILL_OPTION, threads: int = THREADS_OPTION):
+    """An OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models) for editors, agents, UIs."""
+    import logging
+    import os
+    from pathlib import Path
+
+    import uvicorn
+
+    from .checkpoint import resolve_model_dir
+    from .server import Engine, LoadedModel, create_app, model_key
+
+    if not 0 < port < 65536:
+        raise QwenMLXError(f"--port {port}: must be between 1 and 65535")
+
+    def load() -> LoadedModel:
+        llm, tokenizer = load_for_generation(model, threads)
+        return LoadedModel(llm, tokenizer, model_key(resolve_model_dir(model)))
+
+    name = Path(model).resolve().name if Path(model).exists() else model
+    engine = Engine(load, name=name, max_kv_size=max_kv_size, kv_bits=kv_bits,
+                    prompt_cache_bytes=int(prompt_cache_gb * 1e9), max_tokens=max_tokens, max_queue=max_queue,
+                    prefill_step=prefill_step, allow_scripted=os.environ.get("QWENMLX_TEST_HOOKS") == "1")
+    # uvicorn says only what goes wrong; the engine logs each request, and the address once the model is ready
+    # (so a model that fails to load gives one error line).
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key=api_key, cors_origin=cors_origin),
+                                          host=host, port=port, log_level="warning"))
+    engine.start(on_ready=lambda: logging.getLogger("qwenmlx.server").info(
+                     "serving %s on http://%s:%d/v1 (Ctrl-C stops)", name, host, port),
+                 on_load_error=lambda e: setattr(server, "should_exit", True))
+    server.run()
+    if engine.load_error is not None:
+        raise engine.load_error
+
+
 CHECK_PROMPT = "Explain in two sentences why the sky is blue."
 FORCE_HELP = "Replace DST if it is a model directory qwenmlx wrote (never the source, nor anything else)."
 

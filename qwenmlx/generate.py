@@ -275,12 +275,15 @@ def generate_tokens(
     max_tokens: int = 256, stop_ids: Iterable[int] = (), thinking_budget: int | None = None,
     budget_tokens: list[int] = (), think_ids: tuple = (None, None), prefill_step: int | None = None,
     on_prefill_progress: Callable[[int, int], None] | None = None, stats: Stats | None = None,
+    sampler: Callable[[mx.array, mx.array], mx.array] | None = None, logprobs: list | None = None,
 ) -> Iterator[tuple[int, bool]]:
     """Yield (token, in_thought) for each new token until a stop token or max_tokens.
 
     When the generator ends, however it ends (a stop, max_tokens, the caller closing it), the cache holds
     the prompt plus every yielded token but the last. After thinking_budget tokens of thought,
     budget_tokens (which close the thought) are forced in and yielded, then sampling resumes.
+    sampler replaces the one `sampling` describes. A `logprobs` list gets, before each token is yielded,
+    the log-probabilities over the vocabulary it was sampled from ([vocab], unevaluated; None for a forced token).
     """
     if not prompt_tokens:
         raise ValueError("generate_tokens needs at least one prompt token")
@@ -289,16 +292,19 @@ def generate_tokens(
     stats = stats if stats is not None else Stats()
     stats.prompt_tokens = len(prompt_tokens)
     stop_ids = frozenset(stop_ids)
-    sample = make_sampler(sampling)
+    sample = sampler or make_sampler(sampling)
     use_counts = sampling.presence_penalty != 0 or sampling.repetition_penalty != 1.0
     counts = mx.zeros((model.config.vocab_size,), mx.int32)
     thought = Thought(*think_ids, prompt_tokens)
+    unyielded_logprobs = []  # of the sampled tokens not yet yielded, in order
 
     def forward(tokens: mx.array, generated: bool) -> mx.array:
         nonlocal counts
         if use_counts and generated:
             counts = counts.at[tokens].add(1)
         logits = model(tokens[None], cache)[:, -1, :]
+        if logprobs is not None:
+            unyielded_logprobs.append((logits - mx.logsumexp(logits, axis=-1, keepdims=True))[0])
         return sample(logits, counts)
 
     mx.reset_peak_memory()
@@ -321,17 +327,22 @@ def generate_tokens(
                 start = time.perf_counter()
             n_yielded += 1
             stats.generated_tokens = n_yielded
+            if logprobs is not None:
+                logprobs.append(unyielded_logprobs.pop(0))
             yield token, thought.update(token)
             if token in stop_ids or next_y is None:
                 stats.finish_reason = "stop" if token in stop_ids else "length"
                 break
             if thinking_budget is not None and thought.inside and thought.length >= thinking_budget:
-                next_y = forward(mx.array(budget_tokens), generated=True)  # replaces the sampled token
+                unyielded_logprobs[-1:] = []  # the sampled token is replaced
+                next_y = forward(mx.array(budget_tokens), generated=True)
                 n_fed += len(budget_tokens)
                 mx.async_eval(next_y)
                 for forced in budget_tokens[: max_tokens - n_yielded]:
                     n_yielded += 1
                     stats.generated_tokens = n_yielded
+                    if logprobs is not None:
+                        logprobs.append(None)
                     yield forced, thought.update(forced)
                 if n_yielded >= max_tokens:
                     stats.finish_reason = "length"
@@ -361,6 +372,7 @@ def stream_generate(
     model, tokenizer, prompt_tokens: list[int], *, cache: list | None = None, sampling: Sampling | None = None,
     max_tokens: int = 256, thinking_budget: int | None = None, prefill_step: int | None = None,
     on_prefill_progress: Callable[[int, int], None] | None = None,
+    sampler: Callable[[mx.array, mx.array], mx.array] | None = None, logprobs: list | None = None,
 ) -> Iterator[Step]:
     """generate_tokens with the tokenizer's stop tokens, thinking markers and text; the final text is in the last step."""
     stats = Stats()
@@ -370,7 +382,7 @@ def stream_generate(
         max_tokens=max_tokens, stop_ids=tokenizer.eos_token_ids, thinking_budget=thinking_budget,
         budget_tokens=tokenizer.encode(THINKING_BUDGET_TEXT), prefill_step=prefill_step,
         think_ids=(tokenizer.think_start_id, tokenizer.think_end_id),
-        on_prefill_progress=on_prefill_progress, stats=stats,
+        on_prefill_progress=on_prefill_progress, stats=stats, sampler=sampler, logprobs=logprobs,
     )
     try:
         for token, thinking in tokens:

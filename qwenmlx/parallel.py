@@ -7,8 +7,8 @@ one kernel already fills the device, so nothing is split there and the graph sta
 """
 
 import copy
-import functools
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -78,10 +78,16 @@ class Cores:
 NO_CORES = Cores()
 
 
-@functools.cache
+_this_thread = threading.local()
+
+
 def cpu_streams(n: int) -> tuple[mx.Stream, ...]:
-    """n CPU streams, made once per process (each has a thread of its own) and shared by every model loaded."""
-    return tuple(mx.new_stream(mx.cpu) for _ in range(n))
+    """n CPU streams, made once per thread and shared by every model it loads (MLX streams belong to the
+    thread that made them: a server loads and runs its model on its generation thread)."""
+    made = _this_thread.__dict__.setdefault("cpu_streams", {})
+    if n not in made:
+        made[n] = tuple(mx.new_stream(mx.cpu) for _ in range(n))
+    return made[n]
 
 
 def output_rows(layer: nn.Module, start: int, stop: int) -> nn.Module:

@@ -175,6 +175,12 @@ ROWS = [
         stdin=b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"),
     Row("generate-false-utf16-stdin", ("generate", "-m", "{model}", "-p", "-"), "stdin: binary data (starts like UTF-16",
         stdin=b"\xff\xfe\x00\xd8"),
+    # --- the server ---
+    Row("serve-port-zero", ("serve", "-m", "{model}", "--port", "0"), "--port 0"),
+    Row("serve-max-queue-negative", ("serve", "-m", "{model}", "--max-queue", "-1"), "--max-queue -1"),
+    Row("serve-kv-bits-3", ("serve", "-m", "{model}", "--kv-bits", "3"), "--kv-bits 3"),
+    Row("serve-max-kv-size-within-the-sinks", ("serve", "-m", "{model}", "--max-kv-size", "4"), "--max-kv-size 4"),
+    Row("serve-max-tokens-zero", ("serve", "-m", "{model}", "--max-tokens", "0"), "--max-tokens 0"),
 ]
 
 

@@ -1,0 +1,140 @@
+"""Time to first token and decode speed through `qwenmlx serve`, against in-process generation and `mlx_lm.server`.
+
+The same model, the same requests (greedy chat completions, streamed, each prompt different so no prompt
+cache helps), measured the same way on the client: the first token is the first streamed chunk with
+text; decode speed is the tokens after it over the time to the last one. Both servers run at once,
+idle but for the request at hand, and the three sides take turns on each prompt, so a machine whose
+load changes during the run changes every side's figures alike.
+
+    python scripts/make_tiny_checkpoint.py /tmp/tiny          # or any Qwen3 / Qwen3-MoE directory
+    python scripts/bench_serve.py /tmp/tiny --prompt-tokens 512 --max-tokens 128 --repeats 5
+"""
+
+import argparse
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import openai  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prompts(n: int, words: int) -> list[str]:
+    """n different prompts of about `words` tokens, different from their first token on."""
+    filler = "the quick brown fox jumps over the lazy dog " * (words // 9 + 1)
+    return [f"{i} {' '.join(filler.split()[:words])}" for i in range(n)]
+
+
+def start(command: list[str], url: str) -> subprocess.Popen:
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"{command[2]} exited before it served: {' '.join(command)}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                if response.status == 200:
+                    return process
+        except OSError:
+            time.sleep(0.3)
+    process.kill()
+    raise SystemExit(f"{command[2]} did not start")
+
+
+def through_server(url: str, model: str, prompt: str, max_tokens: int) -> dict:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0)
+    start_time, arrivals, usage = time.perf_counter(), [], None
+    for chunk in client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                                max_tokens=max_tokens, temperature=0.0, stream=True,
+                                                stream_options={"include_usage": True}):
+        if chunk.usage:
+            usage = chunk.usage
+        delta = chunk.choices[0].delta if chunk.choices else None
+        if delta and (delta.content or getattr(delta, "reasoning_content", None) or getattr(delta, "reasoning", None)):
+            arrivals.append(time.perf_counter())
+    tokens = usage.completion_tokens if usage else len(arrivals)
+    return figures(arrivals[0] - start_time, tokens, arrivals[-1] - arrivals[0])
+
+
+def figures(ttft: float, tokens: int, decode_seconds: float) -> dict:
+    return {"ttft_ms": ttft * 1000, "tokens": tokens,
+            "decode_tps": (tokens - 1) / decode_seconds if decode_seconds > 0 else 0.0}
+
+
+def in_process(model, tokenizer, prompt: str, max_tokens: int) -> dict:
+    from qwenmlx.generate import Sampling, stream_generate
+
+    tokens = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True)
+    for step in stream_generate(model, tokenizer, tokens, sampling=Sampling(), max_tokens=max_tokens):
+        stats = step.stats
+    return figures(stats.prefill_seconds, stats.generated_tokens, stats.decode_seconds)
+
+
+def serve_commands(model_dir: str) -> dict[str, tuple[str, list[str]]]:
+    """Each server's URL and command line, on ports of their own."""
+    qwenmlx_port, mlx_lm_port = free_port(), free_port()
+    return {
+        "qwenmlx serve": (f"http://127.0.0.1:{qwenmlx_port}", [
+            sys.executable, "-m", "qwenmlx", "serve", "-m", model_dir, "--port", str(qwenmlx_port),
+            "--prompt-cache-gb", "0"]),
+        "mlx_lm.server": (f"http://127.0.0.1:{mlx_lm_port}", [
+            sys.executable, "-m", "mlx_lm.server", "--model", model_dir, "--port", str(mlx_lm_port),
+            "--prompt-cache-size", "0"]),
+    }
+
+
+def median(results: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in results)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="Model directory.")
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5, help="Requests per side (after one warm-up).")
+    args = parser.parse_args()
+
+    from qwenmlx.checkpoint import load
+
+    servers = serve_commands(args.model)
+    processes = [start(command, url) for url, command in servers.values()]
+    try:
+        model, tokenizer = load(args.model)
+        sides = {"in-process generate": lambda prompt: in_process(model, tokenizer, prompt, args.max_tokens)}
+        for name, (url, _) in servers.items():
+            sides[name] = lambda prompt, url=url: through_server(url, args.model, prompt, args.max_tokens)
+        rows = {name: [] for name in sides}
+        for i, prompt in enumerate(prompts(args.repeats + 1, args.prompt_tokens)):
+            names = list(sides)[i % 3:] + list(sides)[: i % 3]  # who goes first changes every prompt
+            for name in names:
+                result = sides[name](prompt)
+                if i:  # the first prompt warms every side up
+                    rows[name].append(result)
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(timeout=30)
+
+    print(f"{args.model}: {args.repeats} greedy chat requests of ~{args.prompt_tokens} prompt tokens, "
+          f"up to {args.max_tokens} generated; medians\n")
+    print("| | time to first token (ms) | decode (tok/s) | tokens generated |")
+    print("|---|---:|---:|---:|")
+    for name, results in rows.items():
+        print(f"| {name} | {median(results, 'ttft_ms'):.0f} | {median(results, 'decode_tps'):.1f} | "
+              f"{median(results, 'tokens'):.0f} |")
+
+
+if __name__ == "__main__":
+    main()

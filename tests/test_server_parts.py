@@ -1,0 +1,256 @@
+"""The server's parts without HTTP: the reply parser, the prompt cache, SSE keep-alives, the engine."""
+
+import asyncio
+import json
+import time
+from types import SimpleNamespace
+
+import mlx.core as mx
+import pytest
+
+from qwenmlx.cache import KVCache, RotatingKVCache, copy_caches
+from qwenmlx.checkpoint import load
+from qwenmlx.server.app import with_keepalives
+from qwenmlx.server.engine import Engine, LoadedModel, Request, thinking_switch
+from qwenmlx.server.prompt_cache import PromptCache
+from qwenmlx.server.reply import Reply, Text, ToolCall
+
+# --- the reply: reasoning, content, tool calls, stop strings ---
+
+THINK, END_THINK, WORD = 1, 2, 0
+TOKENIZER = SimpleNamespace(think_start_id=THINK, think_end_id=END_THINK)
+
+
+def run(reply: Reply, pieces: list[tuple[int, str]]) -> list:
+    out = []
+    for token, text in pieces:
+        out += reply.feed(token, text)
+        if reply.stopped:
+            break
+    return out + reply.finish()
+
+
+def text_of(events: list, kind: str) -> str:
+    return "".join(e.text for e in events if isinstance(e, Text) and e.kind == kind)
+
+
+def characters(text: str) -> list[tuple[int, str]]:
+    """The text as one-character tokens: every marker and stop string is split across tokens."""
+    return [(WORD, c) for c in text]
+
+
+def test_a_stop_string_split_over_tokens_is_never_sent_and_the_text_before_it_is():
+    reply = Reply(TOKENIZER, [WORD], stop=["gamma", "zeta"])
+    events = run(reply, [(WORD, "al"), (WORD, "pha ga"), (WORD, "m"), (WORD, "ma delta")])
+    assert reply.stopped and text_of(events, "content") == "alpha"
+    assert all("g" not in e.text for e in events)
+
+
+def test_text_that_only_began_like_a_stop_string_is_sent_once_it_cannot_be_one():
+    reply = Reply(TOKENIZER, [WORD], stop=["gamma"])
+    assert reply.feed(WORD, "a ga") == [Text("content", "a")]  # "ga" might begin "gamma"; the space waits too
+    events = reply.feed(WORD, "rden") + reply.finish()
+    assert not reply.stopped and text_of(events, "content") == " garden"
+
+
+def test_thinking_between_markers_is_reasoning_with_blank_edges_dropped():
+    events = run(Reply(TOKENIZER, [WORD]), [(THINK, "<think>"), (WORD, "\nFirst.\n\nSecond."), (WORD, "\n"),
+                                            (END_THINK, "</think>"), (WORD, "\n\n"), (WORD, "Answer.")])
+    assert text_of(events, "reasoning") == "First.\n\nSecond."
+    assert text_of(events, "content") == "Answer."
+
+
+def test_a_thought_the_prompt_opened_is_reasoning_until_it_closes():
+    events = run(Reply(TOKENIZER, [WORD, THINK, WORD]),
+                 [(WORD, "I think."), (END_THINK, "</think>"), (WORD, "\n\nDone.")])
+    assert text_of(events, "reasoning") == "I think." and text_of(events, "content") == "Done."
+
+
+def test_stop_strings_do_not_apply_to_the_reasoning():
+    events = run(Reply(TOKENIZER, [WORD], stop=["x"]),
+                 [(THINK, "<think>"), (WORD, "x marks"), (END_THINK, "</think>"), (WORD, "ab x cd")])
+    assert text_of(events, "reasoning") == "x marks" and text_of(events, "content") == "ab"
+
+
+def test_tool_calls_split_over_tokens_become_tool_calls_in_order():
+    output = ('Let me look.\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>\n'
+              '<tool_call>\n{"name": "g", "arguments": "{}"}\n</tool_call>')
+    reply = Reply(TOKENIZER, [WORD], tools=True)
+    events = run(reply, characters(output))
+    calls = [e for e in events if isinstance(e, ToolCall)]
+    assert [(c.index, c.name, json.loads(c.arguments)) for c in calls] == [(0, "f", {"x": 1}), (1, "g", {})]
+    assert len({c.id for c in calls}) == 2 and reply.n_tool_calls == 2
+    assert text_of(events, "content") == "Let me look."
+
+
+@pytest.mark.parametrize("output", [
+    '<tool_call>\n{"name": "f", "arguments": \n</tool_call>',  # not JSON
+    '<tool_call>\n["f"]\n</tool_call>',  # JSON, but not a call
+    '<tool_call>\n{"name": "f", "arguments": {}}',  # never closed
+])
+def test_a_malformed_tool_call_stays_content(output):
+    reply = Reply(TOKENIZER, [WORD], tools=True)
+    events = run(reply, characters(output))
+    assert text_of(events, "content") == output and reply.n_tool_calls == 0
+
+
+def test_a_raw_completion_keeps_every_character_as_content():
+    text = "\n<think>a</think>\n <tool_call>{}</tool_call> "
+    events = run(Reply(TOKENIZER, [WORD], chat=False), [(THINK, "\n<think>"), (WORD, "a"), (END_THINK, "</think>"),
+                                                        (WORD, "\n <tool_call>{}</tool_call> ")])
+    assert text_of(events, "content") == text
+
+
+@pytest.mark.parametrize("texts, thinking", [
+    (["Hello"], True),
+    (["Hello /no_think"], False),
+    (["/no_think please", "now /think"], True),
+    (["/think", "no switch here"], True),
+    (["/think then /no_think"], False),
+])
+def test_the_last_soft_switch_in_the_conversation_decides_thinking(texts, thinking):
+    messages = [{"role": "user", "content": t} for t in texts]
+    assert thinking_switch(messages) is thinking
+
+
+# --- the prompt cache ---
+
+
+def caches_holding(tokens: list[int], cache: KVCache | None = None) -> list[KVCache]:
+    """A one-layer cache whose keys are the token ids themselves, so what it holds can be read back."""
+    cache = cache or KVCache()
+    x = mx.array(tokens, dtype=mx.float32).reshape(1, 1, -1, 1)
+    cache.store(x, x)
+    return [cache]
+
+
+def read(caches: list[KVCache]) -> list[int]:
+    return [int(t) for t in caches[0].state[0].reshape(-1).tolist()]
+
+
+def test_a_request_starts_from_the_entry_sharing_the_longest_prefix_trimmed_to_it_and_the_entry_stays():
+    store = PromptCache(1 << 30)
+    store.store("m", [1, 2, 3, 4, 5], caches_holding([1, 2, 3, 4, 5]), prompt=[1, 2, 3])
+    store.store("m", [1, 2, 9, 9], caches_holding([1, 2, 9, 9]), prompt=[1, 2, 9])
+    reuse = store.fetch("m", [1, 2, 3, 4, 7, 8])
+    assert reuse.reused == 4 and read(reuse.caches) == [1, 2, 3, 4]
+    caches_holding([7, 8], reuse.caches[0])  # the request writes on
+    again = store.fetch("m", [1, 2, 3, 4, 5, 6])
+    assert again.reused == 5 and read(again.caches) == [1, 2, 3, 4, 5]
+
+
+def test_one_prompt_token_is_always_left_to_feed():
+    store = PromptCache(1 << 30)
+    store.store("m", [1, 2, 3, 4], caches_holding([1, 2, 3, 4]), prompt=[1, 2])
+    assert store.fetch("m", [1, 2, 3, 4]).reused == 3
+
+
+def test_caches_never_cross_namespaces():
+    store = PromptCache(1 << 30)
+    store.store("model-a|kv_bits=None", [1, 2, 3], caches_holding([1, 2, 3]), prompt=[1, 2])
+    reuse = store.fetch("model-a|kv_bits=8", [1, 2, 3, 4])
+    assert reuse.caches is None and reuse.reused == 0
+
+
+def test_the_least_recently_used_entries_go_first_once_past_the_byte_budget():
+    one = caches_holding([1, 2, 3])[0].nbytes
+    store = PromptCache(2 * one)
+    for first in (10, 20, 30):
+        store.store("m", [first, 2, 3], caches_holding([first, 2, 3]), prompt=[first, 2, 3])
+        if first == 20:
+            store.fetch("m", [10, 2, 3])  # 10 is now more recent than 20
+    assert store.nbytes <= 2 * one
+    assert store.fetch("m", [20, 2, 3]).reused == 0
+    assert store.fetch("m", [10, 2, 3]).reused == 2 and store.fetch("m", [30, 2, 3]).reused == 2
+
+
+def test_an_entry_the_new_one_extends_is_dropped_and_the_prompts_checkpoint_counts_no_memory():
+    store = PromptCache(1 << 30)
+    store.store("m", [1, 2, 3], caches_holding([1, 2, 3]), prompt=[1, 2])
+    caches = caches_holding([1, 2, 3, 4, 5, 6])
+    store.store("m", [1, 2, 3, 4, 5, 6], caches, prompt=[1, 2, 3, 4])
+    assert sorted(e.tokens for e in store.entries.values()) == [[1, 2, 3, 4], [1, 2, 3, 4, 5, 6]]
+    assert store.nbytes == caches[0].nbytes
+
+
+def test_a_checkpoint_taken_before_a_rotating_cache_evicted_serves_the_next_turn_exactly():
+    """Qwen3 re-renders the last answer without its thinking: the next prompt leaves the reply at its start."""
+
+    def attend(cache: KVCache, tokens: list[int]) -> None:
+        x = mx.array(tokens, dtype=mx.float32).reshape(1, 1, -1, 1)
+        cache.attend(x, x, x, 1.0, rope=lambda y, shift: y)
+
+    prompt = [1, 2, 3, 4, 5, 6]
+    cache = RotatingKVCache(max_size=8, keep=2)
+    attend(cache, prompt)
+    checkpoint = copy_caches([cache])
+    reply = [50, 51, 52, 53]
+    for token in reply:
+        attend(cache, [token])
+    assert cache.evicted  # the reply pushed part of the prompt out
+    store = PromptCache(1 << 30)
+    store.store("m", prompt + reply, [cache], prompt, checkpoint)
+    reuse = store.fetch("m", prompt + [60, 61])
+    assert reuse.reused == 6 and read(reuse.caches) == prompt and reuse.caches[0].evicted == 0
+
+
+def test_no_budget_keeps_nothing():
+    store = PromptCache(0)
+    store.store("m", [1, 2, 3], caches_holding([1, 2, 3]), prompt=[1, 2])
+    assert store.fetch("m", [1, 2, 3]).reused == 0
+
+
+# --- SSE keep-alives ---
+
+
+def test_keepalive_comments_flow_while_no_frame_is_ready_and_frames_follow():
+    async def collect() -> list[str]:
+        ready = asyncio.Event()
+
+        async def frames():
+            await ready.wait()  # like a long prefill: nothing until a keep-alive has gone out
+            yield "data: 1\n\n"
+            yield "data: [DONE]\n\n"
+
+        out = []
+        async for frame in with_keepalives(frames(), 0.01):
+            out.append(frame)
+            ready.set()
+        return out
+
+    out = asyncio.run(collect())
+    assert out[0] == ": keep-alive\n\n" and out[-2:] == ["data: 1\n\n", "data: [DONE]\n\n"]
+
+
+# --- the engine, without HTTP ---
+
+
+def answer(engine: Engine, request: Request) -> tuple[list, list[int]]:
+    """Every event of one request, and its prompt's tokens."""
+
+    async def run() -> tuple[list, list[int]]:
+        job = engine.prepare(request, asyncio.get_running_loop())
+        engine.submit(job)
+        return [event async for event in job.events()], job.prompt
+
+    return asyncio.run(run())
+
+
+def test_a_reply_that_evicts_from_a_rotating_cache_leaves_an_exact_checkpoint_for_the_next_turn(moe_dir):
+    """The next turn re-renders the reply without its thinking, so it shares only the prompt with it."""
+    engine = Engine(lambda: LoadedModel(*load(moe_dir), "tiny"), name="tiny", max_kv_size=48, allow_scripted=True)
+    engine.start()
+    try:
+        while engine.state == "loading":
+            time.sleep(0.01)
+        messages = [{"role": "user", "content": "Count for me, please."}]
+        reply = "<think>\n" + "one " * 50 + "\n</think>\n\nDone."
+        events, prompt = answer(engine, Request(messages=messages, max_tokens=80, scripted={"reply": reply}))
+        assert len(prompt) + events[-1].usage.completion_tokens > 48 + 10  # the reply evicted part of the prompt
+        [checkpoint] = [e for e in engine.prompt_cache.entries.values() if e.tokens == prompt]
+        assert checkpoint.caches[0].evicted == 0 and checkpoint.caches[0].offset == len(prompt)
+        messages += [{"role": "assistant", "content": "Done."}, {"role": "user", "content": "Thanks."}]
+        events, _ = answer(engine, Request(messages=messages, max_tokens=2))
+        assert events[-1].usage.cached_tokens == len(prompt)
+    finally:
+        engine.stop()
