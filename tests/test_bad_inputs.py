@@ -30,6 +30,11 @@ ROWS = [
     # --- options and config values ---
     Row("generate-threads-zero", ("generate", "-m", "{model}", "-p", "hi", "--threads", "0"), "--threads"),
     # --- documents, prompts and templates ---
+    # --- pull, list, rm: the Hub and the models directory ---
+    Row("pull-not-a-repo-id", ("pull", "no-owner", "{tmp}/out"), "not a Hugging Face repo id"),
+    Row("pull-unknown-dtype", ("pull", "Qwen/Qwen3-30B-A3B", "{tmp}/out", "--dtype", "int8"), "--dtype"),
+    Row("rm-a-path-out-of-the-models-dir", ("rm", "../x"), "not a model name"),
+    Row("convert-repo-id-with-check", ("convert", "Qwen/Qwen3-30B-A3B", "{tmp}/out", "--check"), "--check"),
 ]
 
 
