@@ -266,10 +266,12 @@ def _convert(src, dst, recipe, *, dtype, plan_only, context, force, dequantize, 
     if streamed and check:
         raise QwenMLXError(f"--check compares SRC with DST, so SRC must be on disk: `hf download {src} --local-dir DIR`"
                            ", then convert DIR")
-    source = open_repo(src) if streamed else None
+    if streamed:
+        source = open_repo(src)
+        plan = plan_from_hub(source, recipe, dtype, dequantize=dequantize)
+    else:
+        plan = plan_conversion(src, recipe, OUTPUT_DTYPES[dtype], dequantize=dequantize)
     if plan_only:
-        plan = plan_from_hub(source, recipe, dtype, dequantize=dequantize) if streamed else \
-            plan_conversion(src, recipe, OUTPUT_DTYPES[dtype], dequantize=dequantize)
         facts = memory_plan(plan, context)
         print(json.dumps(facts, indent=2)) if json_output else _print_plan(facts)
         return
@@ -278,7 +280,6 @@ def _convert(src, dst, recipe, *, dtype, plan_only, context, force, dequantize, 
             source, Path(dst), recipe, dtype, force=force, dequantize=dequantize, progress=progress),
             quiet=json_output).conversion.as_dict()
     else:
-        plan = plan_conversion(src, recipe, OUTPUT_DTYPES[dtype], dequantize=dequantize)
         report = _write_with_progress(plan, dst, force, quiet=json_output).as_dict()
     if check:
         from .fidelity import compare_models

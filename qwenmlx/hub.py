@@ -14,7 +14,9 @@ error, Ctrl-C), the output shards it finished stay there, and the same pull cont
 An MLX repo (mlx-community's: a `quantization` section or stacked experts) is downloaded as it is.
 """
 
+import bisect
 import fcntl
+import itertools
 import json
 import os
 import re
@@ -205,12 +207,14 @@ def hub_errors(repo_id: str, filename: str | None = None) -> Iterator[None]:
         raise QwenMLXError(f"{what}: the Hub answered {e.response.status_code}") from None
     except QwenMLXError:
         raise
-    except Exception as e:
-        if is_connection_error(e):
-            raise QwenMLXError(f"{what}: cannot reach {constants.ENDPOINT} ({_first_line(e)})") from None
+    except OSError as e:  # huggingface_hub's size check of a download, or the disk
         if cut_short := re.search(r"should be of size (\d+) but has size (\d+)", str(e)):
             expected, got = map(int, cut_short.groups())
             raise QwenMLXError(f"{what}: download cut short (got {got:,} of {expected:,} bytes)") from None
+        raise QwenMLXError(f"{what}: {e.strerror or _first_line(e)}") from None
+    except Exception as e:
+        if is_connection_error(e):
+            raise QwenMLXError(f"{what}: cannot reach {constants.ENDPOINT} ({_first_line(e)})") from None
         raise
 
 
@@ -450,16 +454,17 @@ def pull(repo_id: str = DEFAULT_REPO, dst: str | Path | None = None, recipe: str
     or, for a repo already in MLX's layout, downloaded as it is."""
     if dtype not in OUTPUT_DTYPES:
         raise QwenMLXError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
+    quantization = get_recipe(recipe or DEFAULT_RECIPE, group_size)  # a bad recipe fails before any download
     source = open_repo(repo_id, revision)
     if source.is_mlx:
         if recipe is not None:
             raise QwenMLXError(f"{repo_id}: already an MLX model; pull it without --recipe to download it as it is")
         dst = Path(dst).expanduser() if dst else models_dir() / model_name(repo_id, None)
         return download_as_published(source, dst, force=force, progress=progress)
-    recipe = recipe or DEFAULT_RECIPE
-    dst = Path(dst).expanduser() if dst else models_dir() / model_name(repo_id, recipe, group_size, dtype)
-    return convert_from_hub(source, dst, get_recipe(recipe, group_size), dtype, force=force,
-                            max_shard_bytes=max_shard_bytes, progress=progress)
+    name = model_name(repo_id, recipe or DEFAULT_RECIPE, group_size, dtype)
+    dst = Path(dst).expanduser() if dst else models_dir() / name
+    return convert_from_hub(source, dst, quantization, dtype, force=force, max_shard_bytes=max_shard_bytes,
+                            progress=progress)
 
 
 def plan_from_hub(source: HubSource, recipe, dtype: str, *, dequantize: bool = False,
@@ -507,13 +512,17 @@ def download_as_published(source: HubSource, dst: Path, *, force: bool = False,
     start = time.perf_counter()
     arguments = {"repo_id": source.repo_id, "commit": source.commit, "recipe": None}
     with resumable_dir(dst, arguments, force) as partial:
-        small = [p.name for p in source.small_files.iterdir() if p.is_file()]
-        names = list(filter_repo_objects([*source.shards, *small], allow_patterns=HUB_PATTERNS))
-        missing = [n for n in source.shards if not (partial / n).is_file()]
-        download_bytes = sum(source.shards[n].size for n in missing)
+        local = {p.name: p for p in source.small_files.iterdir() if p.is_file()}
+        local.update({name: shard.cached for name, shard in source.shards.items() if shard.cached})
+        names = list(filter_repo_objects(dict.fromkeys([*source.shards, *local]), allow_patterns=HUB_PATTERNS))
+        kept = [n for n in source.shards if (partial / n).is_file()]
+        download_bytes = sum(s.size for n, s in source.shards.items() if n not in kept and n not in local)
         check_disk_space(dst, download_bytes)
         progress.started(download_bytes, 0)
         for name in names:
+            if name in local:
+                _link_or_copy(local[name], partial / name)
+                continue
             with hub_errors(source.repo_id, name):
                 hf_hub_download(source.repo_id, name, revision=source.commit, local_dir=partial,
                                 tqdm_class=_byte_counter(progress.downloaded))
@@ -521,8 +530,8 @@ def download_as_published(source: HubSource, dst: Path, *, force: bool = False,
         for path in weight_files(partial):
             safetensors_header(path)
         read_config(partial)
-    return PullReport(source.repo_id, source.commit, dst, "as published", source.size, download_bytes,
-                      len(source.shards) - len(missing), time.perf_counter() - start)
+    return PullReport(source.repo_id, source.commit, dst, "as published", source.size, download_bytes, len(kept),
+                      time.perf_counter() - start)
 
 
 @contextmanager
@@ -571,6 +580,15 @@ def resumable_dir(dst: Path, arguments: dict, force: bool) -> Iterator[Path]:
         os.close(lock)
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A file of the Hugging Face cache into the model: a hard link where the filesystem allows, else a copy."""
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src.resolve(), dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 def _empty(directory: Path) -> None:
     for path in directory.iterdir():
         if path.is_dir() and not path.is_symlink():
@@ -587,19 +605,14 @@ def _digest(text: str) -> str:
 
 def _tensor_counter(plan: ConversionPlan, on_tensors: Callable[[int], None]) -> Callable[[int], None]:
     """write_files reports bytes; this turns them into output tensors finished (the steps, in writing order)."""
-    ends, total = [], 0
-    for step in plan.steps:
-        total += step.nbytes
-        ends.append(total)
-    written = [0, 0]  # bytes, tensors
+    ends = list(itertools.accumulate(step.nbytes for step in plan.steps))
+    written = done = 0
 
     def count(n_bytes: int) -> None:
-        written[0] += n_bytes
-        done = written[1]
-        while done < len(ends) and ends[done] <= written[0]:
-            done += 1
-        if done != written[1]:
-            written[1] = done
+        nonlocal written, done
+        written += n_bytes
+        if (finished := bisect.bisect_right(ends, written)) != done:
+            done = finished
             on_tensors(done)
 
     return count

@@ -191,36 +191,41 @@ def document_and_prompt(dst: Path, workdir: Path, document_tokens: int, prompt_t
 
 
 def run(args) -> dict:
+    """Every step in order; the figures so far are saved to full_scale.json after each one."""
     from qwenmlx.checkpoint import compute_dtype
     from qwenmlx.memory import weights_in_memory
 
     workdir = args.workdir.expanduser()
     workdir.mkdir(parents=True, exist_ok=True)
-    result = {"machine": machine(), "layers": args.layers, "workdir": str(workdir)}
+    result = {"machine": machine(), "layers": args.layers, "prompt_tokens": args.prompt_tokens, "pull": None}
+
+    def step(label: str) -> None:
+        (workdir / "full_scale.json").write_text(json.dumps(result, indent=2))
+        print(f"[{time.strftime('%H:%M:%S')}] {label}", file=sys.stderr)
+
     dst = workdir / "home" / "models" / f"Qwen3-30B-A3B-{args.layers}-layers-experts-4"
     repo = served_repo(args.layers, int(args.shard_gb * 1e9), workdir)
     if (dst / "config.json").is_file():
-        print(f"{dst} is there: the pull is skipped", file=sys.stderr)
-        result["pull"] = None
+        step(f"{dst} is there: the pull is skipped")
     else:
-        print(f"pulling {REPO_ID} ({args.layers} layers) from the mock Hub into {dst}", file=sys.stderr)
+        step(f"pulling {REPO_ID} ({args.layers} layers) from the mock Hub into {dst}")
         result["pull"] = pull_figures(repo, workdir, dst)
     document, prompt = document_and_prompt(dst, workdir, args.document_tokens, args.prompt_tokens)
     result["memory_check_weights_gb"] = weights_in_memory(dst, compute_dtype()) / 1e9
-    sides = {}
+    result["sides"] = {}
     for side in ("qwenmlx", "mlx-lm"):
-        print(f"loading and generating with {side}", file=sys.stderr)
-        sides[side] = run_side({"side": side, "model": str(dst), "prompt": prompt,
-                                "decode_tokens": args.decode_tokens})
-    result["sides"] = sides
-    result["same_tokens"] = sides["qwenmlx"]["tokens"] == sides["mlx-lm"]["tokens"]
-    print("summarising the document", file=sys.stderr)
+        step(f"loading and generating with {side}")
+        result["sides"][side] = run_side({"side": side, "model": str(dst), "prompt": prompt,
+                                          "decode_tokens": args.decode_tokens})
+    result["same_tokens"] = result["sides"]["qwenmlx"]["tokens"] == result["sides"]["mlx-lm"]["tokens"]
+    step(f"summarising {document} ({args.document_tokens:,} tokens)")
     measured = measure_command([sys.executable, "-m", "qwenmlx", "summarize", str(document), "-m", str(dst),
                                 "--json", "--max-tokens", str(args.summary_tokens)])
     summary = json.loads(measured.pop("stdout"))
     result["summarize"] = {**measured, "document_tokens": summary["document_tokens"], "strategy": summary["strategy"],
                            "final": summary["final"], "seconds": summary["seconds"]}
     result["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    step("done")
     return result
 
 
@@ -242,7 +247,7 @@ def tables(r: dict) -> str:
                   f"({disk_met}) |",
                   f"| left in the Hugging Face cache (GB) | {p['left_in_hf_cache_gb']:.3f} |", ""]
     lines += [f"**Load and generate: {len(r['sides']['qwenmlx']['tokens'])} tokens greedily after a "
-              f"{r.get('prompt_tokens', 256)}-token prompt; same tokens: {'yes' if r['same_tokens'] else 'NO'}**", "",
+              f"{r['prompt_tokens']}-token prompt; same tokens: {'yes' if r['same_tokens'] else 'NO'}**", "",
               "| side | load (s) | RSS after load (GB) | prefill tok/s | decode tok/s | MLX peak (GB) | peak RSS (GB) |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     for side, s in r["sides"].items():
@@ -282,8 +287,7 @@ def main() -> None:
         parser.error(f"--layers must be 1 to 48, got {args.layers}")
     if args.shard_gb < 1.3:
         parser.error(f"--shard-gb must be at least 1.3, got {args.shard_gb}")
-    result = {**run(args), "prompt_tokens": args.prompt_tokens}
-    (args.workdir.expanduser() / "full_scale.json").write_text(json.dumps(result, indent=2))
+    result = run(args)
     print(json.dumps(result, indent=2) if args.json else tables(result))
 
 

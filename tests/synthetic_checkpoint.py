@@ -28,7 +28,7 @@ def tensor_block(name: str, shape: tuple[int, ...], block: int) -> np.ndarray:
     """Block `block` of the tensor's bf16 values, as uint16 bits."""
     count = min(BLOCK_ELEMENTS, math.prod(shape) - block * BLOCK_ELEMENTS)
     seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
-    bits = np.frombuffer(np.random.Generator(np.random.PCG64([seed, block])).bytes(2 * count), dtype=np.uint16)
+    bits = np.random.PCG64([seed, block]).random_raw(-(-count // 4)).view(np.uint16)[:count]
     if len(shape) == 1:
         return (bits & 0x007F) | 0x3F80  # [1, 2): exponent 127, random mantissa
     exponent = 127 + math.floor(-0.5 * math.log2(shape[-1]))
