@@ -8,7 +8,8 @@ It answers what huggingface_hub 2.x asks for `model_info`, `get_safetensors_meta
   without it), an `ETag`, the size as `Content-Length`, and byte ranges (206 + `Content-Range`) for the safetensors
   headers and resumed downloads. No `X-Xet-Hash` header, so the plain HTTP download is used;
 - anything unknown: 404 with the `X-Error-Code` (RepoNotFound, RevisionNotFound, EntryNotFound) that
-  huggingface_hub turns into its typed errors.
+  huggingface_hub turns into its typed errors. (huggingface_hub also fetches /api/agent-harnesses once,
+  best effort: the 404 is ignored.)
 
 A file is anything with a size, an etag and `chunks(start, end)`: a file on disk, or one generated on the fly
 (tests/synthetic_checkpoint.py), so a 61 GB checkpoint can be served without being written anywhere.

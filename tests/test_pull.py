@@ -7,6 +7,7 @@ pull (disk at each step, an interruption) call the library in this process, with
 settings patched to the same effect.
 """
 
+import fcntl
 import json
 import os
 import shutil
@@ -217,6 +218,19 @@ def test_a_directory_in_the_way_of_the_partial_one_is_left_alone(in_process):
     with pytest.raises(QwenMLXError, match="not written by qwenmlx pull"):
         pull("Qwen/Tiny", in_process / "out")
     assert [p.name for p in partial.iterdir()] == ["mine.txt"]
+
+
+def test_two_pulls_into_the_same_place_do_not_mix(in_process):
+    partial = in_process / ".out.pulling"
+    partial.mkdir()
+    held = os.open(partial, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as the first pull holds it
+        with pytest.raises(QwenMLXError, match="another qwenmlx pull is writing there"):
+            pull("Qwen/Tiny", in_process / "out")
+    finally:
+        os.close(held)
+    pull("Qwen/Tiny", in_process / "out")
 
 
 def free_port() -> int:
