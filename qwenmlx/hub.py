@@ -200,9 +200,11 @@ def hub_errors(repo_id: str, filename: str | None = None) -> Iterator[None]:
         raise QwenMLXError(f"{repo_id}: no safetensors weights (qwenmlx reads safetensors only)") from None
     except SafetensorsParsingError as e:
         raise QwenMLXError(f"{repo_id}: {_first_line(e)}") from None
-    except (OfflineModeIsEnabled, LocalEntryNotFoundError):
-        raise QwenMLXError(f"{what}: not in the local Hugging Face cache, and HF_HUB_OFFLINE forbids downloading; "
-                           f"unset it, or download it with `hf download {repo_id}`") from None
+    except (OfflineModeIsEnabled, LocalEntryNotFoundError) as e:
+        if constants.HF_HUB_OFFLINE:
+            raise QwenMLXError(f"{what}: not in the local Hugging Face cache, and HF_HUB_OFFLINE forbids "
+                               f"downloading; unset it, or download it with `hf download {repo_id}`") from None
+        raise QwenMLXError(f"{what}: cannot reach {constants.ENDPOINT} ({_first_line(e.__cause__ or e)})") from None
     except HfHubHTTPError as e:
         raise QwenMLXError(f"{what}: the Hub answered {e.response.status_code}") from None
     except QwenMLXError:

@@ -244,6 +244,7 @@ def free_port() -> int:
     ("connection refused", "cannot reach http://127.0.0.1:"),
     ("cut-short download", "Qwen/Tiny/model-00001-of-00005.safetensors: download cut short (got 1,000 of "),
     ("not safetensors", "Qwen/Broken: Failed to parse safetensors header for 'model.safetensors'"),
+    ("offline, not cached", "Qwen/Tiny: not in the local Hugging Face cache, and HF_HUB_OFFLINE forbids"),
 ])
 def test_hub_failures_are_one_line_errors_that_leave_nothing_behind(env, hub, tmp_path, failure, says):
     repo_id = {"no such repo": "Qwen/Nope", "not safetensors": "Qwen/Broken"}.get(failure, "Qwen/Tiny")
@@ -251,6 +252,8 @@ def test_hub_failures_are_one_line_errors_that_leave_nothing_behind(env, hub, tm
                                      "model.safetensors": BytesFile(b"\x10\x00\x00\x00\x00\x00\x00\x00not json")})
     if failure == "connection refused":
         env["HF_ENDPOINT"] = f"http://127.0.0.1:{free_port()}"
+    if failure == "offline, not cached":
+        env["HF_HUB_OFFLINE"] = "1"
     if failure == "cut-short download":
         hub.cut_short["model-00001-of-00005.safetensors"] = 1000
     try:
