@@ -420,7 +420,7 @@ def run_child(task: dict) -> dict:
 # --- conversion: peak RSS and time of the two converters, each in a child measured by GNU time ---
 
 def measure_command(command: list[str]) -> dict:
-    """Peak RSS (GB) and wall time (s) of a child process, from /usr/bin/time -v."""
+    """Peak RSS (GB) and wall time (s) of a child process, from /usr/bin/time -v; and what it printed."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))  # this checkout's qwenmlx, whatever is installed
     result = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True, cwd=ROOT, env=env)
     if result.returncode:
@@ -428,7 +428,7 @@ def measure_command(command: list[str]) -> dict:
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", result.stderr).group(1)
     seconds = sum(float(part) * 60**i for i, part in enumerate(reversed(wall.split(":"))))
-    return {"peak_rss_gb": rss_kb * 1024 / 1e9, "wall_s": seconds}
+    return {"peak_rss_gb": rss_kb * 1024 / 1e9, "wall_s": seconds, "stdout": result.stdout}
 
 
 def same_tensors(a: Path, b: Path) -> bool:

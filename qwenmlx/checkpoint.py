@@ -52,7 +52,7 @@ def resolve_model_dir(path_or_hub_id: str | Path) -> Path:
     except Exception as e:
         raise QwenMLXError(
             f"{repo_id}: not in the local Hugging Face cache and could not be downloaded "
-            f"({type(e).__name__}); download it with `huggingface-cli download {repo_id}` "
+            f"({type(e).__name__}); download it with `hf download {repo_id}` "
             "or pass a local directory"
         ) from None
 

@@ -62,27 +62,42 @@ def info(model: str = typer.Argument(..., help="Model directory or Hugging Face 
 
 # --- generation: `generate` and `chat` ---
 
-DEFAULT_MODEL = "Qwen/Qwen3-30B-A3B"
+
+def open_model(model: str | None):
+    """(model dir, tokenizer) for -m (a directory, a name from `qwenmlx list`, a Hub id), or the pulled default."""
+    from .checkpoint import resolve_model_dir
+    from .hub import find_model
+    from .tokenizer import Tokenizer
+
+    model_dir = resolve_model_dir(find_model(model)) if model else default_model_dir()
+    return model_dir, Tokenizer.from_dir(model_dir)
 
 
-def load_for_generation(model: str, threads: int | None = None):
-    """(model, tokenizer); the default model only from the local Hugging Face cache, never a silent 60 GB download."""
-    from pathlib import Path
+def default_model_dir():
+    """The pulled default; when missing, offered on a terminal (once), otherwise an error naming `qwenmlx pull`."""
+    from .hub import DEFAULT_DOWNLOAD_GB, DEFAULT_OUTPUT_GB, DEFAULT_RECIPE, DEFAULT_REPO, default_model
 
-    from .checkpoint import load
+    path = default_model()
+    if path is not None:
+        return path
+    offer = (f"download {DEFAULT_REPO} ({DEFAULT_DOWNLOAD_GB} GB) and convert it to {DEFAULT_RECIPE} "
+             f"({DEFAULT_OUTPUT_GB} GB)")
+    if not sys.stdin.isatty():
+        raise QwenMLXError(f"no model pulled yet: `qwenmlx pull` will {offer}; or pass --model (a directory, "
+                           "a name from `qwenmlx list`, or a Hub id)")
+    if not typer.confirm(f"{offer}?", default=False):
+        raise QwenMLXError("no model: run `qwenmlx pull`, or pass --model")
+    return _pull_with_bars(DEFAULT_REPO, None, None).dst
 
-    if model == DEFAULT_MODEL and not Path(model).exists():
-        from huggingface_hub import snapshot_download
 
-        try:
-            model = snapshot_download(model, local_files_only=True)
-        except Exception:
-            raise QwenMLXError(
-                f"{DEFAULT_MODEL} is not in the local Hugging Face cache: download it with "
-                f"`huggingface-cli download {DEFAULT_MODEL}` (about 61 GB), or convert it to MLX with "
-                "`qwenmlx convert`, and pass --model DIR"
-            ) from None
-    return load(model, threads=threads)
+def load_weights(model_dir, threads: int | None, memory_check: bool, context: int | None, **levers):
+    """The model's weights, once the memory check (weights + KV cache at `context`) says they fit."""
+    from .checkpoint import load_model
+    from .memory import check_memory
+
+    if memory_check:
+        check_memory(model_dir, context, **levers)
+    return load_model(model_dir, threads=threads)[0]
 
 
 def sampling_options(temp, top_p, top_k, min_p, presence_penalty, repetition_penalty, seed) -> dict:
@@ -99,7 +114,10 @@ def check_threads(threads: int | None) -> None:
         stderr.print(f"[yellow]note:[/yellow] {note}", highlight=False, soft_wrap=True)
 
 
-MODEL_OPTION = typer.Option(DEFAULT_MODEL, "--model", "-m", help="MLX or Hugging Face model directory, or a Hub id.")
+MODEL_OPTION = typer.Option(None, "--model", "-m", help="A model directory, a name from `qwenmlx list`, or a Hub id "
+                                                       "(default: the pulled Qwen3-30B-A3B, experts-4).")
+MEMORY_CHECK_OPTION = typer.Option(True, "--memory-check/--no-memory-check",
+                                   help="Refuse a model whose weights and KV cache do not fit in memory.")
 TEMP_OPTION = typer.Option(None, "--temp", help="Temperature; 0 is greedy. Default: Qwen's guidance for the mode.")
 TOP_P_OPTION = typer.Option(None, "--top-p")
 TOP_K_OPTION = typer.Option(None, "--top-k")
@@ -134,7 +152,7 @@ def generate(prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt,
              min_p: float = MIN_P_OPTION, presence_penalty: float = PRESENCE_OPTION,
              repetition_penalty: float = REPETITION_OPTION, seed: int = SEED_OPTION,
              thinking_budget: int = BUDGET_OPTION, prefill_step: int = PREFILL_OPTION,
-             threads: int = THREADS_OPTION,
+             threads: int = THREADS_OPTION, memory_check: bool = MEMORY_CHECK_OPTION,
              json_output: bool = typer.Option(False, "--json", help="Print JSON with the text, token counts, speeds.")):
     """One answer to one prompt, for scripts: the text on stdout (or JSON)."""
     import json
@@ -146,8 +164,10 @@ def generate(prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt,
     check_threads(threads)
     text = _prompt_from_stdin() if prompt == "-" else prompt
     messages = prompt_messages(text, system)
-    llm, tokenizer = load_for_generation(model, threads)
+    model_dir, tokenizer = open_model(model)
     tokens = tokenizer.apply_chat_template(messages, enable_thinking=think, tokenize=True)
+    llm = load_weights(model_dir, threads, memory_check, len(tokens) + max_tokens, prompt_tokens=len(tokens),
+                       context_option="--max-tokens")
     sampling = default_sampling(think, tokenizer.generation_config, **options)
     pieces, stats = [], None
     for step in stream_generate(llm, tokenizer, tokens, sampling=sampling, max_tokens=max_tokens,
@@ -177,7 +197,8 @@ def chat(model: str = MODEL_OPTION,
          temp: float = TEMP_OPTION, top_p: float = TOP_P_OPTION, top_k: int = TOP_K_OPTION,
          min_p: float = MIN_P_OPTION, presence_penalty: float = PRESENCE_OPTION,
          repetition_penalty: float = REPETITION_OPTION, seed: int = SEED_OPTION,
-         thinking_budget: int = BUDGET_OPTION, prefill_step: int = PREFILL_OPTION, threads: int = THREADS_OPTION):
+         thinking_budget: int = BUDGET_OPTION, prefill_step: int = PREFILL_OPTION, threads: int = THREADS_OPTION,
+         memory_check: bool = MEMORY_CHECK_OPTION):
     """Chat in the terminal, with thinking, prompt reuse across turns and /commands (/help)."""
     from .chat import ChatSession
     from .chat_terminal import ChatTerminal
@@ -186,8 +207,10 @@ def chat(model: str = MODEL_OPTION,
     options = sampling_options(temp, top_p, top_k, min_p, presence_penalty, repetition_penalty, seed)
     check_generation(max_tokens, thinking_budget, prefill_step, **options)
     check_threads(threads)
-    with console.status(f"loading {model}"):
-        llm, tokenizer = load_for_generation(model, threads)
+    model_dir, tokenizer = open_model(model)
+    with console.status(f"loading {model_dir}"):
+        llm = load_weights(model_dir, threads, memory_check, max_kv_size, kv_bits=kv_bits,
+                           context_option="--max-kv-size", kv_bits_option=True)
     session = ChatSession(llm, tokenizer, system=system, thinking=think, max_kv_size=max_kv_size, kv_bits=kv_bits,
                           max_tokens=max_tokens, thinking_budget=thinking_budget, prefill_step=prefill_step, **options)
     ChatTerminal(session, console, plain=plain, hide_thinking=hide_thinking).run()
@@ -209,7 +232,8 @@ def serve(model: str = MODEL_OPTION,
                                                 help="Memory for KV caches kept across requests; 0 keeps none."),
           max_tokens: int = typer.Option(None, "--max-tokens", help="Longest answer (default: up to the context)."),
           max_queue: int = typer.Option(16, "--max-queue", help="Requests that may wait; past that, 503."),
-          prefill_step: int = PREFILL_OPTION, threads: int = THREADS_OPTION):
+          prefill_step: int = PREFILL_OPTION, threads: int = THREADS_OPTION,
+          memory_check: bool = MEMORY_CHECK_OPTION):
     """An OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models) for editors, agents, UIs."""
     import logging
     import os
@@ -217,17 +241,19 @@ def serve(model: str = MODEL_OPTION,
 
     import uvicorn
 
-    from .checkpoint import resolve_model_dir
-    from .server import Engine, LoadedModel, create_app, model_key
+    from .server import Engine, LoadedModel, create_app
 
     if not 0 < port < 65536:
         raise QwenMLXError(f"--port {port}: must be between 1 and 65535")
+    check_threads(threads)
+    model_dir, tokenizer = open_model(model)
 
-    def load() -> LoadedModel:
-        llm, tokenizer = load_for_generation(model, threads)
-        return LoadedModel(llm, tokenizer, model_key(resolve_model_dir(model)))
+    def load() -> LoadedModel:  # on the generation thread: MLX's streams belong to the thread that made them
+        llm = load_weights(model_dir, threads, memory_check, max_kv_size, kv_bits=kv_bits,
+                           context_option="--max-kv-size", kv_bits_option=True)
+        return LoadedModel(llm, tokenizer, llm.fingerprint)
 
-    name = Path(model).resolve().name if Path(model).exists() else model
+    name = Path(model_dir).name
     engine = Engine(load, name=name, max_kv_size=max_kv_size, kv_bits=kv_bits,
                     prompt_cache_bytes=int(prompt_cache_gb * 1e9), max_tokens=max_tokens, max_queue=max_queue,
                     prefill_step=prefill_step, allow_scripted=os.environ.get("QWENMLX_TEST_HOOKS") == "1")
@@ -320,17 +346,32 @@ def _print_report(report: dict) -> None:
 def _convert(src, dst, recipe, *, dtype, plan_only, context, force, dequantize, check, prompt, json_output):
     """What `convert` and `quantize` share: plan, then write (or print the plan), summary, optional --check."""
     import json
+    from pathlib import Path
 
     from .convert import OUTPUT_DTYPES, memory_plan, plan_conversion
+    from .hub import convert_from_hub, is_hub_id, open_repo, plan_from_hub
 
     if dtype not in OUTPUT_DTYPES:
         raise QwenMLXError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
-    plan = plan_conversion(src, recipe, OUTPUT_DTYPES[dtype], dequantize=dequantize)
+    streamed = is_hub_id(src)  # from the Hub shard by shard, as `pull` does: never the whole repo on disk
+    if streamed and check:
+        raise QwenMLXError(f"--check compares SRC with DST, so SRC must be on disk: `hf download {src} --local-dir DIR`"
+                           ", then convert DIR")
+    if streamed:
+        source = open_repo(src)
+        plan = plan_from_hub(source, recipe, dtype, dequantize=dequantize)
+    else:
+        plan = plan_conversion(src, recipe, OUTPUT_DTYPES[dtype], dequantize=dequantize)
     if plan_only:
         facts = memory_plan(plan, context)
         print(json.dumps(facts, indent=2)) if json_output else _print_plan(facts)
         return
-    report = _write_with_progress(plan, dst, force, quiet=json_output).as_dict()
+    if streamed:
+        report = _with_pull_bars(lambda progress: convert_from_hub(
+            source, Path(dst), recipe, dtype, force=force, dequantize=dequantize, progress=progress),
+            quiet=json_output).conversion.as_dict()
+    else:
+        report = _write_with_progress(plan, dst, force, quiet=json_output).as_dict()
     if check:
         from .fidelity import compare_models
         from .tokenizer import Tokenizer
@@ -388,6 +429,124 @@ def quantize(
                      "the new rounding error to the old one")
     _convert(src, dst, get_recipe(recipe, group_size), dtype=dtype, plan_only=False, context=0, force=force,
              dequantize=dequantize, check=check, prompt=prompt, json_output=json_output)
+
+
+# --- pull, list, rm: the models directory ---
+
+
+class PullBars:
+    """A pull drawn with rich on stderr: a bar of bytes downloaded (speed, time left), one of tensors written."""
+
+    def __init__(self):
+        from rich.console import Group
+        from rich.live import Live
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        label = TextColumn("[bold]{task.description:<16}")
+        self.bytes = Progress(label, BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+        self.tensors = Progress(label, BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        self.live = Live(Group(self.bytes, self.tensors), console=stderr)
+
+    def started(self, download_bytes: int, tensors: int) -> None:
+        self.download = self.bytes.add_task("downloading", total=download_bytes)
+        if tensors:
+            self.writing = self.tensors.add_task("tensors written", total=tensors)
+
+    def downloaded(self, n_bytes: int) -> None:
+        self.bytes.advance(self.download, n_bytes)
+
+    def written(self, tensors: int) -> None:
+        self.tensors.update(self.writing, completed=tensors)
+
+
+def _with_pull_bars(run, quiet: bool):
+    """run(progress) under PullBars (none when quiet or not on a terminal); Ctrl-C says the same command resumes."""
+    from .hub import NO_PROGRESS
+
+    bars = None if quiet or not stderr.is_terminal else PullBars()
+    try:
+        if bars is None:
+            return run(NO_PROGRESS)
+        with bars.live:
+            return run(bars)
+    except KeyboardInterrupt:
+        stderr.print("interrupted: the output shards already written are kept, and the same command resumes "
+                     "from them", highlight=False, soft_wrap=True)
+        sys.exit(130)
+
+
+def _pull_with_bars(repo_id: str, dst: str | None, recipe: str | None, quiet: bool = False, **options):
+    from .hub import pull as pull_repo
+
+    return _with_pull_bars(lambda progress: pull_repo(repo_id, dst, recipe, progress=progress, **options), quiet)
+
+
+@app.command()
+@user_errors
+def pull(
+    repo_id: str = typer.Argument("Qwen/Qwen3-30B-A3B", help="Hugging Face repo id."),
+    dst: str = typer.Argument(None, help="Model directory to write (default: in the models directory)."),
+    recipe: str = typer.Option(None, "--recipe", help="Quantization recipe (default: experts-4); a repo already "
+                                                      "in MLX's layout is downloaded as it is."),
+    group_size: int = typer.Option(64, "--group-size", help="Group size of affine quantization: 32, 64 or 128."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="Float dtype of what stays unquantized (and scales)."),
+    force: bool = typer.Option(False, "--force", help="Replace DST if it exists."),
+    json_output: bool = typer.Option(False, "--json", help="Print JSON instead of tables; no progress bars."),
+):
+    """Download a Hugging Face model and convert it to MLX, shard by shard (disk: the output + ~2 input shards)."""
+    import json
+
+    report = _pull_with_bars(repo_id, dst, recipe, quiet=json_output, group_size=group_size, dtype=dtype,
+                             force=force).as_dict()
+    if json_output:
+        print(json.dumps(report, indent=2))
+        return
+    if "conversion" in report:
+        console.print(_kinds_table(f"{report['dst']} (recipe {report['recipe']})", report["conversion"]["kinds"]))
+    kept = f", {report['kept_shards']} shard(s) kept from an interrupted pull" if report["kept_shards"] else ""
+    console.print(f"[bold]{report['dst']}[/bold]: {report['repo_id']} at {report['commit'][:8]}, {report['recipe']}, "
+                  f"{report['size_gb']} GB; downloaded {report['downloaded_gb']} GB{kept}; {report['seconds']} s")
+
+
+@app.command("list")
+@user_errors
+def list_command(json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
+    """The models in the models directory ($QWENMLX_HOME/models): name, recipe, size, context."""
+    import json
+
+    from rich.table import Table
+
+    from .hub import list_models, models_dir
+
+    entries = [e.as_dict() for e in list_models()]
+    if json_output:
+        print(json.dumps(entries, indent=2))
+        return
+    table = Table(title=str(models_dir()))
+    for column in ("name", "recipe", "size (GB)", "context", "from"):
+        table.add_column(column, justify="right" if column in ("size (GB)", "context") else "left")
+    for e in entries:
+        table.add_row(e["name"], e["recipe"] or "—", f"{e['size_bytes'] / 1e9:.2f}",
+                      f"{e['context']:,}" if e["context"] else "?", e["repo_id"] or "—")
+    console.print(table)
+
+
+@app.command("rm")
+@user_errors
+def rm_command(name: str = typer.Argument(..., help="A model's name, as `qwenmlx list` shows it.")):
+    """Delete a model that `qwenmlx pull` wrote into the models directory (nothing else)."""
+    from .hub import remove
+
+    console.print(f"removed {remove(name)}")
 
 
 # --- summarize ---
@@ -502,6 +661,7 @@ def summarize(
     think: bool = typer.Option(False, "--think/--no-think", help="Let the model think first (not part of the summary)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead; no progress bars."),
     threads: int = THREADS_OPTION,
+    memory_check: bool = MEMORY_CHECK_OPTION,
 ):
     """Summarise a file of any length: in one pass, with YaRN when needed, or in parts (map-reduce)."""
     import json
@@ -524,8 +684,11 @@ def summarize(
     document = read_document(file)
     if document.note and not json_output:
         stderr.print(f"[yellow]note:[/yellow] {document.note}", highlight=False, soft_wrap=True)
-    with stderr.status(f"loading {model}", spinner="dots") if not json_output else nullcontext():
-        llm, tokenizer = load_for_generation(model, threads)
+    model_dir, tokenizer = open_model(model)
+    with stderr.status(f"loading {model_dir}", spinner="dots") if not json_output else nullcontext():
+        # At least the answer must fit; the strategy then fits the document into what is left, in parts if need be.
+        llm = load_weights(model_dir, threads, memory_check, max_tokens * (2 if think else 1),
+                           context_option="--max-tokens")
     progress = None if json_output else SummaryBars()
     try:
         summary = summarize_document(llm, tokenizer, document, options, progress=progress)
@@ -536,7 +699,8 @@ def summarize(
         write_text_atomically(out, summary.text + "\n")
     if json_output:
         facts = {"file": document.name, "kind": document.kind, "encoding": document.encoding,
-                 "decoded_with_fallback": document.decoded_with_fallback, "model": model, **summary.to_dict()}
+                 "decoded_with_fallback": document.decoded_with_fallback, "model": str(model_dir),
+                 **summary.to_dict()}
         print(json.dumps(facts, indent=2, ensure_ascii=False))
         return
     print()

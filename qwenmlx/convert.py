@@ -106,6 +106,7 @@ class SourceWeight:
     shape: tuple[int, ...]
     parts: list[Reader]
     row_multiple: int = 1  # blocks start on multiples of this (FP8 scale blocks)
+    files: frozenset[Path] = frozenset()  # the source files the parts read
 
     @property
     def rows(self) -> int:
@@ -172,20 +173,21 @@ def source_weights(tensors: dict[str, StoredTensor], config: ModelConfig, raw_co
     companions = {f"{m}.{s}" for m in quantized_modules for s in ("scales", "biases")}
     companions |= {n for n in tensors if n.endswith(".weight_scale_inv")}
 
-    def reader(t: StoredTensor) -> tuple[Reader, tuple[int, ...], int]:
+    def reader(t: StoredTensor) -> tuple[Reader, tuple[int, ...], int, set[Path]]:
         module = t.name[: -len(".weight")]
         if module in quantized_modules and t.name.endswith(".weight"):
             params = _stored_quant_params(module, config.quantization or {})
             shape = (*t.shape[:-1], t.shape[-1] * 32 // params.bits)
-            return (_dequantizing_reader(t, tensors[f"{module}.scales"], tensors.get(f"{module}.biases"), params),
-                    shape, 1)
+            scales, biases = tensors[f"{module}.scales"], tensors.get(f"{module}.biases")
+            files = {t.path, scales.path} | ({biases.path} if biases else set())
+            return _dequantizing_reader(t, scales, biases, params), shape, 1, files
         if t.dtype == "F8_E4M3":
             scale_inv = tensors.get(f"{t.name}_scale_inv")
             if scale_inv is None or fp8_block is None:
                 raise QwenMLXError(f"{t.path}: FP8 tensor {t.name} without a weight_scale_inv block scale "
                                    "(or config.json lacks quantization_config.quant_method \"fp8\")")
-            return _fp8_reader(t, scale_inv, fp8_block), t.shape, fp8_block[0]
-        return _plain_reader(t), t.shape, 1
+            return _fp8_reader(t, scale_inv, fp8_block), t.shape, fp8_block[0], {t.path, scale_inv.path}
+        return _plain_reader(t), t.shape, 1, {t.path}
 
     stacks = expert_stacks(tensors, config)
     stacked_parts = {n for parts in stacks.values() for n in parts}
@@ -193,13 +195,24 @@ def source_weights(tensors: dict[str, StoredTensor], config: ModelConfig, raw_co
     for name, t in tensors.items():
         if name in companions or name in stacked_parts or is_dropped(name, config):
             continue
-        read, shape, row_multiple = reader(t)
-        weights.append(SourceWeight(name, shape, [read], row_multiple))
+        read, shape, row_multiple, files = reader(t)
+        weights.append(SourceWeight(name, shape, [read], row_multiple, frozenset(files)))
     for name, parts in stacks.items():
         readers = [reader(tensors[p]) for p in parts]
         shape = readers[0][1]
-        weights.append(SourceWeight(name, (len(parts), *shape), [r for r, _, _ in readers], readers[0][2]))
-    return sorted(weights, key=lambda w: _natural_key(w.name))
+        weights.append(SourceWeight(name, (len(parts), *shape), [r for r, _, _, _ in readers], readers[0][2],
+                                    frozenset().union(*(files for _, _, _, files in readers))))
+    return in_source_order(weights)
+
+
+def in_source_order(weights: list[SourceWeight]) -> list[SourceWeight]:
+    """Grouped by the last source file each weight reads (files in name order), then by name.
+
+    Each source file is then read by one run of consecutive weights (a stacked expert weight may span two
+    files), so `qwenmlx pull` holds at most about two source files on disk at a time.
+    """
+    rank = {name: i for i, name in enumerate(sorted({f.name for w in weights for f in w.files}))}
+    return sorted(weights, key=lambda w: (max((rank[f.name] for f in w.files), default=0), _natural_key(w.name)))
 
 
 def _natural_key(name: str) -> list:
@@ -273,12 +286,16 @@ class ConversionPlan:
 
 
 def plan_conversion(src: str | Path, recipe: Recipe | None, dtype: mx.Dtype = mx.bfloat16, *,
-                    dequantize: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> ConversionPlan:
-    """Read the source's config and headers and decide every output tensor; errors surface here, before any work."""
+                    dequantize: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
+                    tensors: dict[str, StoredTensor] | None = None) -> ConversionPlan:
+    """Read the source's config and headers and decide every output tensor; errors surface here, before any work.
+
+    tensors: where the weights lie when not in src's own files (`pull`: the shards it is about to download).
+    """
     src = resolve_model_dir(src)
     config = read_config(src)
     raw_config = json.loads((src / "config.json").read_text())
-    weights = source_weights(stored_tensors(src), config, raw_config, dequantize)
+    weights = source_weights(tensors or stored_tensors(src), config, raw_config, dequantize)
     check_weights(Model(config), {w.name: w for w in weights}, src)
     if recipe is not None:
         recipe.check_layers(config.num_hidden_layers)
@@ -394,9 +411,8 @@ def kind_summaries(steps: list[Step]) -> dict[str, KindSummary]:
     return kinds
 
 
-def _write_shard(path: Path, steps: list[Step], dtype: mx.Dtype, kinds: dict[str, KindSummary],
-                 on_progress: Callable[[int], None]) -> None:
-    """Header first (all offsets are known), then each block of rows at its place as it is computed."""
+def shard_header(steps: list[Step]) -> tuple[dict, bytes, int]:
+    """A shard's header (every offset follows from the plan), its bytes as written, and the file's size."""
     header, offset = {}, 0
     for step in steps:
         for t in step.outputs.values():
@@ -406,11 +422,19 @@ def _write_shard(path: Path, steps: list[Step], dtype: mx.Dtype, kinds: dict[str
     header["__metadata__"] = {"format": "mlx"}
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)
-    data_start = 8 + len(header_bytes)
+    header_bytes = struct.pack("<Q", len(header_bytes)) + header_bytes
+    return header, header_bytes, len(header_bytes) + offset
+
+
+def _write_shard(path: Path, steps: list[Step], dtype: mx.Dtype, kinds: dict[str, KindSummary],
+                 on_progress: Callable[[int], None]) -> None:
+    """Header first (all offsets are known), then each block of rows at its place as it is computed."""
+    header, header_bytes, size = shard_header(steps)
+    data_start = len(header_bytes)
 
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
-        f.truncate(data_start + offset)
+        f.write(header_bytes)
+        f.truncate(size)
         for step in steps:
             kind = kinds[module_kind(step.weight.name)]
             for i, (first_row, _, read) in enumerate(step.weight.blocks()):
@@ -471,6 +495,40 @@ def check_disk_space(dst: Path, needed: int) -> None:
                            f"needs {needed / 1e9:.{digits}f} GB, {free / 1e9:.{digits}f} GB free")
 
 
+def is_complete_shard(path: Path, steps: list[Step]) -> bool:
+    """Whether path is the shard these steps make, whole: its size and header are the planned ones."""
+    _, header_bytes, size = shard_header(steps)
+    try:
+        with open(path, "rb") as f:
+            return os.fstat(f.fileno()).st_size == size and f.read(len(header_bytes)) == header_bytes
+    except OSError:
+        return False
+
+
+def write_files(plan: ConversionPlan, out: Path, kinds: dict[str, KindSummary],
+                on_progress: Callable[[int], None] = lambda n: None) -> dict[str, str]:
+    """Every file of the model into the directory out; returns the weight map.
+
+    Each shard is written under a temporary name and renamed when whole, so a shard under its own name
+    is complete: one already in `out` (left by an interrupted `pull`) is kept, and counted as written.
+    """
+    weight_map = {}
+    for i, steps in enumerate(plan.shards):
+        path = out / plan.shard_name(i)
+        if is_complete_shard(path, steps):
+            on_progress(sum(step.nbytes for step in steps))
+        else:
+            partial = path.with_name(path.name + ".incomplete")
+            _write_shard(partial, steps, plan.dtype, kinds, on_progress)
+            partial.rename(path)
+        weight_map.update({t.name: path.name for step in steps for t in step.outputs.values()})
+    index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
+    (out / "config.json").write_text(json.dumps(output_config(plan), indent=4))
+    copy_side_files(plan.src, out)
+    return weight_map
+
+
 def write_model(plan: ConversionPlan, dst: str | Path, *, force: bool = False,
                 on_progress: Callable[[int], None] = lambda n: None,
                 on_note: Callable[[str], None] = lambda message: None) -> ConversionReport:
@@ -484,15 +542,7 @@ def write_model(plan: ConversionPlan, dst: str | Path, *, force: bool = False,
     kinds = kind_summaries(plan.steps)
     try:
         with new_directory(target) as tmp:
-            weight_map = {}
-            for i, steps in enumerate(plan.shards):
-                name = plan.shard_name(i)
-                _write_shard(tmp / name, steps, plan.dtype, kinds, on_progress)
-                weight_map.update({t.name: name for step in steps for t in step.outputs.values()})
-            index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
-            (tmp / "config.json").write_text(json.dumps(output_config(plan), indent=4))
-            copy_side_files(plan.src, tmp)
+            weight_map = write_files(plan, tmp, kinds, on_progress)
     except OSError as e:
         raise QwenMLXError(f"{dst}: writing failed ({e.strerror or e}); nothing was left behind") from None
     return ConversionReport(Path(dst).expanduser(), plan.recipe.name if plan.recipe else "unquantized",

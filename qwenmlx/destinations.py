@@ -154,13 +154,13 @@ def new_directory(target: Path) -> Iterator[Path]:
             manifest.truncate()
             manifest.write(_manifest(sorted(p.name for p in tmp.iterdir() if p.name != MANIFEST)))
             manifest.flush()
-            _move_into_place(tmp, target)
+            move_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _move_into_place(tmp: Path, target: Path) -> None:
+def move_into_place(tmp: Path, target: Path) -> None:
     """Rename tmp to target; an existing target (empty, or a qwenmlx output) goes only once tmp is complete."""
     if target.is_dir() and not any(target.iterdir()):
         target.rmdir()

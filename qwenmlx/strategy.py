@@ -63,7 +63,10 @@ class Limits:
 
     def longest_context(self) -> int:
         """The most tokens one generation can hold in memory, with the smallest cache on offer."""
-        kv_bits = self.kv_bits_options()[-1]
+        return self.context_fitting(self.kv_bits_options()[-1])
+
+    def context_fitting(self, kv_bits: int | None) -> int:
+        """The most tokens a KV cache of kv_bits (None: full precision) can hold in what the weights leave free."""
         free = self.memory_budget - self.weights_bytes
         per_step = self.kv_cache_bytes(KVCache.step, kv_bits)
         return max(free // per_step, 0) * KVCache.step

@@ -181,6 +181,11 @@ ROWS = [
     Row("serve-kv-bits-3", ("serve", "-m", "{model}", "--kv-bits", "3"), "--kv-bits 3"),
     Row("serve-max-kv-size-within-the-sinks", ("serve", "-m", "{model}", "--max-kv-size", "4"), "--max-kv-size 4"),
     Row("serve-max-tokens-zero", ("serve", "-m", "{model}", "--max-tokens", "0"), "--max-tokens 0"),
+    # --- pull, list, rm: the Hub and the models directory ---
+    Row("pull-not-a-repo-id", ("pull", "no-owner", "{tmp}/out"), "not a Hugging Face repo id"),
+    Row("pull-unknown-dtype", ("pull", "Qwen/Qwen3-30B-A3B", "{tmp}/out", "--dtype", "int8"), "--dtype"),
+    Row("rm-a-path-out-of-the-models-dir", ("rm", "../x"), "not a model name"),
+    Row("convert-repo-id-with-check", ("convert", "Qwen/Qwen3-30B-A3B", "{tmp}/out", "--check"), "--check"),
 ]
 
 

@@ -89,13 +89,16 @@ def test_load_then_ctrl_c_stops_the_answer_but_not_the_chat(endless_dir, saved_c
     assert child.exitstatus == 0
 
 
-def test_a_missing_default_model_is_one_clear_line(tmp_path):
+def test_a_missing_default_model_is_offered_once_and_declining_is_one_clear_line(tmp_path):
     child = pexpect.spawn(sys.executable, ["-m", "qwenmlx", "chat"], encoding="utf-8", timeout=60,
-                          env={"HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1", "PYTHONPATH": "."})
-    child.expect("Qwen/Qwen3-30B-A3B is not in the local Hugging Face cache: download it with")
+                          env={"QWENMLX_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "PYTHONPATH": "."})
+    child.expect_exact("download Qwen/Qwen3-30B-A3B (61 GB) and convert it to experts-4 (18 GB)? [y/N]")
+    child.sendline("n")
+    child.expect("no model: run `qwenmlx pull`")
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 1
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.fixture(scope="module")

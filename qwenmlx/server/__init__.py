@@ -5,6 +5,6 @@ events) -> engine.py (the one generation thread, queue, cancel) -> prompt_cache.
 """
 
 from .app import create_app
-from .engine import Engine, LoadedModel, model_key
+from .engine import Engine, LoadedModel
 
-__all__ = ["Engine", "LoadedModel", "create_app", "model_key"]
+__all__ = ["Engine", "LoadedModel", "create_app"]

@@ -9,7 +9,6 @@ step (or one prefill chunk).
 """
 
 import asyncio
-import hashlib
 import logging
 import queue
 import threading
@@ -17,7 +16,6 @@ import time
 import traceback
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import mlx.core as mx
 
@@ -95,12 +93,6 @@ class LoadedModel:
     model: object
     tokenizer: object
     key: str  # stands for the weights and config in prompt-cache namespaces
-
-
-def model_key(model_dir: Path) -> str:
-    """The model directory's resolved path and its config's digest (checkpoint.model_fingerprint() will replace it)."""
-    model_dir = Path(model_dir).resolve()
-    return f"{model_dir}#{hashlib.sha256((model_dir / 'config.json').read_bytes()).hexdigest()[:16]}"
 
 
 def thinking_switch(messages: list[dict]) -> bool:
