@@ -86,7 +86,6 @@ ROWS = [
                                                                "--workdir", "{tmp}", "-o", "{tmp}/b.json"),
         "photo.jpg", files={"c.json": b"{}", "converted-qwenmlx/photo.jpg": b"mine"}),
     # --- chat sessions ---
-    Row("chat-max-kv-size-zero", ("chat", "-m", "{model}", "--max-kv-size", "0"), "--max-kv-size 0", stdin=b""),
     # --- options and config values ---
     Row("generate-threads-zero", ("generate", "-m", "{model}", "-p", "hi", "--threads", "0"), "--threads"),
     Row("generate-max-tokens-zero", (*GENERATE, "--max-tokens", "0"), "--max-tokens must be at least 1, got 0"),
@@ -151,7 +150,7 @@ ROWS = [
         model_files=template(NESTED_LOOPS.replace("BODY", "<|im_start|>" * 8))),
     Row("template-huge-string", GENERATE, "chat template: stopped: it would build",
         model_files=template("{{ 'x' * 10**10 }}")),
-    Row("template-string-doubling", SUMMARIZE, "chat template: stopped: it would build", files=SHORT_DOCUMENT,
+    Row("template-string-doubling", GENERATE, "chat template: stopped: it would build",
         model_files=template("{% set ns = namespace(s='ab') %}{% for i in range(64) %}"
                              "{% set ns.s = ns.s ~ ns.s %}{% endfor %}")),
     Row("template-huge-padding", GENERATE, "chat template: stopped: it would build",
@@ -179,7 +178,7 @@ ROWS = [
     Row("serve-port-zero", ("serve", "-m", "{model}", "--port", "0"), "--port 0"),
     Row("serve-max-queue-negative", ("serve", "-m", "{model}", "--max-queue", "-1"), "--max-queue -1"),
     Row("serve-kv-bits-3", ("serve", "-m", "{model}", "--kv-bits", "3"), "--kv-bits 3"),
-    Row("serve-max-kv-size-within-the-sinks", ("serve", "-m", "{model}", "--max-kv-size", "4"), "--max-kv-size 4"),
+    Row("serve-max-kv-size-within-the-sinks", ("serve", "-m", "{model}", "--max-kv-size", "4"), "--max-kv-size must exceed"),
     Row("serve-max-tokens-zero", ("serve", "-m", "{model}", "--max-tokens", "0"), "--max-tokens 0"),
     # --- pull, list, rm: the Hub and the models directory ---
     Row("pull-not-a-repo-id", ("pull", "no-owner", "{tmp}/out"), "not a Hugging Face repo id"),

@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from quantize import get_recipe
 from qwenmlx.cli import app
 from qwenmlx.convert import convert, memory_plan, plan_conversion
+from qwenmlx.destinations import MANIFEST
 from qwenmlx.errors import QwenMLXError
 from qwenmlx.hub import MARKER, PullProgress, find_model, list_models, models_dir, pull, remove
 from tests.checkpoints import TINY_MOE, write_fp8_checkpoint, write_hf_checkpoint
@@ -99,7 +100,7 @@ def qwenmlx(env: dict, *args: str) -> subprocess.CompletedProcess:
 
 def files_of(directory: Path) -> dict[str, bytes]:
     """Every file's bytes, the pull's hidden marker left out."""
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.name != MARKER}
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.name not in (MARKER, MANIFEST)}
 
 
 def weights_in(directory: Path) -> list[Path]:
@@ -285,7 +286,7 @@ def test_mlx_repo_is_downloaded_as_it_is(env, hub, tmp_path, reference):
     assert result.returncode == 0, result.stderr
     dst = tmp_path / "home" / "models" / "Tiny-4bit"
     assert files_of(dst) == files_of(reference())
-    assert sorted(p.name for p in dst.iterdir() if p.name.startswith(".")) == [MARKER]
+    assert sorted(p.name for p in dst.iterdir() if p.name.startswith(".")) == sorted([MANIFEST, MARKER])
 
 
 # --- the models directory ---
