@@ -120,10 +120,7 @@ class MockHub:
     def __enter__(self) -> "MockHub":
         hub = self
 
-        class Handler(_Handler):
-            pass
-
-        Handler.hub = hub
+        Handler = type("Handler", (_Handler,), {"hub": hub})  # a handler class of this hub's own
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -147,8 +144,8 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     hub: MockHub
 
-    def log_message(self, format, *args) -> None:  # quiet
-        pass
+    def log_message(self, format, *args) -> None:
+        """Quiet: the tests read hub.requests instead of the log."""
 
     def do_HEAD(self) -> None:
         self._answer(body=False)

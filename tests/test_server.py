@@ -59,10 +59,11 @@ def wait_until_healthy(url: str, process: subprocess.Popen | None, log: Path | N
         if process is not None and process.poll() is not None:
             pytest.fail(f"the server exited:\n{log.read_text()}")
         try:
-            if http(f"{url}/health")[0] == 200:
-                return
-        except OSError:
-            pass
+            healthy = http(f"{url}/health")[0] == 200
+        except OSError:  # not listening yet
+            healthy = False
+        if healthy:
+            return
         time.sleep(0.2)
     pytest.fail("the server did not become healthy")
 

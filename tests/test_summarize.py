@@ -203,7 +203,7 @@ def test_thinking_is_not_part_of_the_summary():
 
 
 class FirstMapStep(Exception):
-    pass
+    """Raised at the first map step, to stop a run once tokenising and splitting are done."""
 
 
 class PhaseRecorder(SummaryProgress):
