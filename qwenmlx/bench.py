@@ -424,7 +424,9 @@ def measure_command(command: list[str]) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT))  # this checkout's qwenmlx, whatever is installed
     result = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True, cwd=ROOT, env=env)
     if result.returncode:
-        raise QwenMLXError(f"bench: {' '.join(command[:4])} failed: {result.stderr.strip().splitlines()[-1]}")
+        said = [line for line in result.stderr.split("\tCommand being timed")[0].strip().splitlines()
+                if not line.startswith("Command exited with non-zero status")] or ["(nothing on stderr)"]
+        raise QwenMLXError(f"bench: {' '.join(command[:4])} failed: {said[-1]}")
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", result.stderr).group(1)
     seconds = sum(float(part) * 60**i for i, part in enumerate(reversed(wall.split(":"))))

@@ -1,6 +1,7 @@
 """The benchmark's mechanics on tiny models: kernel counting, the result's shape, bad options. No timings asserted."""
 
 import json
+import sys
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -9,9 +10,10 @@ from mlx.utils import tree_flatten
 from rich.console import Console
 from typer.testing import CliRunner
 
-from qwenmlx.bench import REAL_CONFIG, BenchOptions, decode_step_kernels, result_tables, run_bench
+from qwenmlx.bench import REAL_CONFIG, BenchOptions, decode_step_kernels, measure_command, result_tables, run_bench
 from qwenmlx.cli import app
 from qwenmlx.config import config_from_dict
+from qwenmlx.errors import QwenMLXError
 from qwenmlx.parallel import cpu_threads
 
 # Qwen3-30B-A3B's config with every size shrunk (group-64 quantization still divides every input width).
@@ -99,3 +101,8 @@ def test_bad_options_are_one_line_errors(args, message, tmp_path):
     result = CliRunner().invoke(app, ["bench", *args, "--workdir", str(tmp_path), "-o", str(tmp_path / "b.json")])
     assert result.exit_code == 1
     assert message in result.output and len(result.output.strip().splitlines()) <= 2
+
+
+def test_a_failed_measured_command_names_what_the_child_said():
+    with pytest.raises(QwenMLXError, match="failed: the child's own last words"):
+        measure_command([sys.executable, "-c", "import sys; sys.exit(\"the child's own last words\")"])
