@@ -41,7 +41,7 @@ def user_errors(command):
 
 @app.command()
 @user_errors
-def info(model: str = typer.Argument(..., help="Model directory or Hugging Face repo id."),
+def info(model: str = typer.Argument(..., help="Model directory, a name from `qwenmlx list`, or a Hugging Face repo id."),
          json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
     """Show what a checkpoint is: architecture, size, quantization, context."""
     import json
@@ -49,8 +49,9 @@ def info(model: str = typer.Argument(..., help="Model directory or Hugging Face 
     from rich.table import Table
 
     from .checkpoint import describe_model
+    from .hub import find_model
 
-    facts = describe_model(model)
+    facts = describe_model(find_model(model))
     if json_output:
         print(json.dumps(facts, indent=2))
         return

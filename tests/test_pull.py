@@ -364,3 +364,6 @@ def test_first_chat_on_a_terminal_offers_the_pull_then_chats_and_generate_uses_i
     result = qwenmlx(env, "generate", "-p", "Hi", "--max-tokens", "3", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["generated_tokens"] == 3
+    described = qwenmlx(env, "info", "Qwen3-30B-A3B-experts-4", "--json")
+    assert described.returncode == 0, described.stderr
+    assert json.loads(described.stdout)["path"] == str(tmp_path / "home" / "models" / "Qwen3-30B-A3B-experts-4")
