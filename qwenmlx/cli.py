@@ -224,7 +224,7 @@ def chat(model: str = MODEL_OPTION,
 def serve(model: str = MODEL_OPTION,
           host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
           port: int = typer.Option(8080, "--port"),
-          api_key: str = typer.Option(None, "--api-key", help="Require `Authorization: Bearer KEY` (not on /health)."),
+          api_key: str = typer.Option(None, "--api-key", help="Require KEY (as Bearer or x-api-key; not on /health)."),
           cors_origin: str = typer.Option(None, "--cors-origin", help="Allow browser pages from this origin (CORS)."),
           max_kv_size: int = typer.Option(None, "--max-kv-size", help="Bound each request's KV cache to N tokens."),
           kv_bits: int = typer.Option(None, "--kv-bits", help="Quantize the KV cache to 8 or 4 bits."),
@@ -234,7 +234,7 @@ def serve(model: str = MODEL_OPTION,
           max_queue: int = typer.Option(16, "--max-queue", help="Requests that may wait; past that, 503."),
           prefill_step: int = PREFILL_OPTION, threads: int = THREADS_OPTION,
           memory_check: bool = MEMORY_CHECK_OPTION):
-    """An OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models) for editors, agents, UIs."""
+    """A server for editors, coding agents, UIs: OpenAI's Chat Completions and Responses, Anthropic's Messages."""
     import logging
     import os
     from pathlib import Path

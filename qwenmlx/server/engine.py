@@ -1,11 +1,10 @@
 """The one generation thread: it owns MLX, takes requests in arrival order from a bounded queue, reuses
 KV caches across requests, and sends each request's events back to the asyncio side.
 
-Every API module turns its request shape into a `Request` and reads the events back out: `Text`
-and `ToolCall` pieces (see reply.py), then `Finished` or `Failed`. Nothing here knows HTTP or any
-API's format. A request is checked and rendered on the caller's side (`prepare`), so a bad one is
-refused before it queues; a client that goes away cancels its job, which stops within one decode
-step (or one prefill chunk).
+Every API module turns its request shape into a `Request` and reads the events back out (see
+request.py). Nothing here knows HTTP or any API's format. A request is checked and rendered on the
+caller's side (`prepare`), so a bad one is refused before it queues; a client that goes away cancels
+its job, which stops within one decode step (or one prefill chunk).
 """
 
 import asyncio
@@ -15,7 +14,7 @@ import threading
 import time
 import traceback
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import mlx.core as mx
 
@@ -24,56 +23,9 @@ from ..errors import QwenMLXError
 from ..generate import default_sampling, stream_generate
 from .prompt_cache import PromptCache
 from .reply import Reply, Text
+from .request import Failed, Finished, Request, RequestError, Started, Usage
 
 log = logging.getLogger("qwenmlx.server")
-
-
-@dataclass
-class Request:
-    """One generation, whichever API it came through."""
-
-    id: str = ""  # the API's id for it, in the server log
-    messages: list[dict] | None = None  # a chat, in the template's shape (role, content, tool_calls, ...)
-    prompt: str | None = None  # or raw text, used as it is
-    tools: list[dict] | None = None
-    thinking: bool | None = None  # None: the conversation's last /think or /no_think, else on
-    max_tokens: int | None = None  # None: until the model stops, within the context
-    sampling: dict = field(default_factory=dict)  # temperature, top_p, ...; None: the mode's default
-    stop: list[str] = field(default_factory=list)
-    thinking_budget: int | None = None
-    top_logprobs: int | None = None  # None: no logprobs; n: the chosen token's and the n likeliest
-    scripted: dict | None = None  # test hook ({"reply": text} or {"fail": message}); set only where allowed
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-
-@dataclass
-class Finished:
-    reason: str  # "stop", "length", "tool_calls", or "cancelled" (nobody is listening then)
-    usage: Usage
-
-
-@dataclass
-class Failed:
-    status: int
-    message: str
-
-
-class RequestError(Exception):
-    """The request cannot be served as it is (HTTP 400); param names the field."""
-
-    def __init__(self, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.message, self.param, self.code = message, param, code
 
 
 class Unavailable(Exception):
@@ -140,7 +92,7 @@ class Job:
             self.cancel()
 
     async def events(self) -> AsyncIterator:
-        """Text and ToolCall pieces, then Finished or Failed."""
+        """Started, Text and ToolCall pieces, then Finished or Failed (alone when it fails before it starts)."""
         while True:
             event = await self._events.get()
             yield event
@@ -196,20 +148,27 @@ class Engine:
 
     # The caller's side.
 
-    def prepare(self, request: Request, loop: asyncio.AbstractEventLoop) -> Job:
-        """Check and render a request; RequestError says what is wrong with it."""
+    def render(self, request: Request) -> tuple[list[int], bool]:
+        """The request's prompt as token ids, and whether the model will think; RequestError if it cannot be."""
         if self.state != "ready":
             raise Unavailable("the model is still loading" if self.state == "loading" else "the model failed to load",
                               "model_not_ready")
         tokenizer, param = self.tokenizer, "messages" if request.messages is not None else "prompt"
         try:
-            if request.messages is not None:
-                thinking = thinking_switch(request.messages) if request.thinking is None else request.thinking
-                prompt = tokenizer.apply_chat_template(request.messages, enable_thinking=thinking,
-                                                       tools=request.tools or None, tokenize=True)
-            else:
-                thinking, prompt = False, tokenizer.encode(request.prompt)
-            sampling = default_sampling(thinking, tokenizer.generation_config, **request.sampling)
+            if request.messages is None:
+                return tokenizer.encode(request.prompt), False
+            thinking = thinking_switch(request.messages) if request.thinking is None else request.thinking
+            return tokenizer.apply_chat_template(request.messages, enable_thinking=thinking,
+                                                 tools=request.tools or None, tokenize=True), thinking
+        except QwenMLXError as e:
+            raise RequestError(str(e), param) from None
+
+    def prepare(self, request: Request, loop: asyncio.AbstractEventLoop) -> Job:
+        """Check and render a request; RequestError says what is wrong with it."""
+        prompt, thinking = self.render(request)
+        param = "messages" if request.messages is not None else "prompt"
+        try:
+            sampling = default_sampling(thinking, self.tokenizer.generation_config, **request.sampling)
         except QwenMLXError as e:
             raise RequestError(str(e), param) from None
         if not prompt:
@@ -273,6 +232,7 @@ class Engine:
     def _generate(self, job: Job) -> None:
         request, prompt = job.request, job.prompt
         reuse = self.prompt_cache.fetch(self.namespace, prompt)
+        job.send(Started(len(prompt), reuse.reused))
         caches = reuse.caches or make_cache(self.model, self.max_kv_size, self.kv_bits)
         # A rotating cache may evict during the reply: then the prompt's checkpoint must be copied before it.
         early_checkpoint = self.max_kv_size is not None and len(prompt) + job.max_tokens > self.max_kv_size
@@ -323,7 +283,7 @@ class Engine:
         log.info("%s: %s, %d prompt tokens (%d cached), %d generated, %.2f s to the first token, "
                  "%.1f tok/s, %.2f s", request.id, reason, len(prompt), reuse.reused, len(generated),
                  stats.prefill_seconds if stats else 0, stats.decode_tps if stats else 0, seconds)
-        job.send(Finished(reason, Usage(len(prompt), len(generated), reuse.reused)))
+        job.send(Finished(reason, Usage(len(prompt), len(generated), reuse.reused), reply.stop_sequence))
 
     def _token_logprobs(self, token: int, logprobs: mx.array, top: int) -> dict:
         """The chosen token's log-probability and the `top` likeliest alternatives, as text."""
