@@ -8,6 +8,9 @@ load changes during the run changes every side's figures alike.
 
     python scripts/make_tiny_checkpoint.py /tmp/tiny          # or any Qwen3 / Qwen3-MoE directory
     python scripts/bench_serve.py /tmp/tiny --prompt-tokens 512 --max-tokens 128 --repeats 5
+
+--restart measures the prompt cache on disk instead: one long prompt to a fresh `qwenmlx serve`, then the
+same prompt again after the server was stopped and started on the same cache directory.
 """
 
 import argparse
@@ -15,6 +18,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -64,12 +68,33 @@ def through_server(url: str, model: str, prompt: str, max_tokens: int) -> dict:
         if delta and (delta.content or getattr(delta, "reasoning_content", None) or getattr(delta, "reasoning", None)):
             arrivals.append(time.perf_counter())
     tokens = usage.completion_tokens if usage else len(arrivals)
-    return figures(arrivals[0] - start_time, tokens, arrivals[-1] - arrivals[0])
+    cached = usage.prompt_tokens_details.cached_tokens if usage else 0
+    return figures(arrivals[0] - start_time, tokens, arrivals[-1] - arrivals[0]) | {"cached_tokens": cached}
 
 
 def figures(ttft: float, tokens: int, decode_seconds: float) -> dict:
     return {"ttft_ms": ttft * 1000, "tokens": tokens,
             "decode_tps": (tokens - 1) / decode_seconds if decode_seconds > 0 else 0.0}
+
+
+def across_a_restart(model_dir: str, prompt_tokens: int, max_tokens: int) -> None:
+    """The same long prompt before and after a restart of `qwenmlx serve` on one prompt cache directory."""
+    prompt = prompts(1, prompt_tokens)[0]
+    print(f"{model_dir}: one greedy chat request of ~{prompt_tokens} prompt tokens, {max_tokens} generated\n")
+    print("| | time to first token (ms) | prompt tokens read from the cache |")
+    print("|---|---:|---:|")
+    with tempfile.TemporaryDirectory() as cache_dir:
+        for run in ("first start (empty cache)", "after a restart"):
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            process = start([sys.executable, "-m", "qwenmlx", "serve", "-m", model_dir, "--port", str(port),
+                             "--prompt-cache-dir", cache_dir], url)
+            try:
+                result = through_server(url, model_dir, prompt, max_tokens)
+            finally:
+                process.terminate()
+                process.wait(timeout=30)
+            print(f"| {run} | {result['ttft_ms']:.0f} | {result['cached_tokens']} |")
 
 
 def in_process(model, tokenizer, prompt: str, max_tokens: int) -> dict:
@@ -87,7 +112,7 @@ def serve_commands(model_dir: str) -> dict[str, tuple[str, list[str]]]:
     return {
         "qwenmlx serve": (f"http://127.0.0.1:{qwenmlx_port}", [
             sys.executable, "-m", "qwenmlx", "serve", "-m", model_dir, "--port", str(qwenmlx_port),
-            "--prompt-cache-gb", "0"]),
+            "--prompt-cache-gb", "0", "--prompt-cache-disk-gb", "0"]),
         "mlx_lm.server": (f"http://127.0.0.1:{mlx_lm_port}", [
             sys.executable, "-m", "mlx_lm.server", "--model", model_dir, "--port", str(mlx_lm_port),
             "--prompt-cache-size", "0"]),
@@ -104,7 +129,10 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5, help="Requests per side (after one warm-up).")
+    parser.add_argument("--restart", action="store_true", help="Measure the prompt cache across a restart.")
     args = parser.parse_args()
+    if args.restart:
+        return across_a_restart(args.model, args.prompt_tokens, args.max_tokens)
 
     from qwenmlx.checkpoint import load
 

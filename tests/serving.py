@@ -84,8 +84,9 @@ def running_server(moe_dir: Path, log: Path, *options: str) -> Iterator[Server]:
     command = [sys.executable, "-m", "qwenmlx", "serve", "-m", str(moe_dir), "--port", str(port),
                "--api-key", API_KEY, *options]
     with open(log, "a") as out:
+        # QWENMLX_HOME: the default prompt cache on disk goes beside the log, not into the user's models directory
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "QWENMLX_TEST_HOOKS": "1"})
+                                   env={**os.environ, "QWENMLX_TEST_HOOKS": "1", "QWENMLX_HOME": str(log.parent)})
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(url, process, log)

@@ -12,7 +12,7 @@ import anthropic
 import openai
 import pytest
 
-from tests.serving import API_KEY, http, script, user
+from tests.serving import API_KEY, http, running_server, script, user
 
 THOUGHT = "<think>\nThe user greets me.\nI greet back.\n</think>\n\nHello! How can I help?"
 WEATHER = {"name": "get_weather", "description": "The weather in a city.",
@@ -196,3 +196,23 @@ def test_previous_response_id_is_refused_with_a_400_that_says_the_server_is_stat
     with pytest.raises(openai.BadRequestError) as info:
         server.client().responses.create(model="m", input="Hi", previous_response_id="resp_123")
     assert "stateless" in info.value.message and info.value.body["param"] == "previous_response_id"
+
+
+# --- the prompt cache across a restart ---
+
+
+def test_a_long_prompt_cached_on_disk_is_read_back_after_a_restart_but_never_by_another_model(
+        moe_dir, moe_dir_other_weights, tmp_path):
+    cache = ["--prompt-cache-dir", str(tmp_path / "prompt-cache")]
+    ask = dict(model="m", max_tokens=6, extra_body={"temperature": 0.0}, thinking={"type": "disabled"},
+               messages=user("Summarise this. " + "The quick brown fox jumps over the lazy dog. " * 60))
+    answers = []
+    for model, log in ((moe_dir, "first.log"), (moe_dir, "restarted.log"), (moe_dir_other_weights, "other.log")):
+        with running_server(model, tmp_path / log, *cache) as server:
+            answers.append(server.anthropic_client().messages.create(**ask))
+    first, restarted, other = answers
+    prompt = first.usage.input_tokens
+    assert prompt > 500 and first.usage.cache_read_input_tokens == 0
+    assert restarted.usage.cache_read_input_tokens == prompt - 1 and restarted.usage.input_tokens == 1
+    assert [b.text for b in restarted.content] == [b.text for b in first.content]
+    assert other.usage.cache_read_input_tokens == 0 and other.usage.input_tokens == prompt

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import logging
 import time
 from types import SimpleNamespace
 
@@ -12,7 +13,7 @@ from qwenmlx.cache import KVCache, RotatingKVCache, copy_caches
 from qwenmlx.checkpoint import load
 from qwenmlx.server.app import with_keepalives
 from qwenmlx.server.engine import Engine, LoadedModel, Request, thinking_switch
-from qwenmlx.server.prompt_cache import PromptCache
+from qwenmlx.server.prompt_cache import DiskCache, PromptCache
 from qwenmlx.server.reply import Reply, Text, ToolCall
 
 # --- the reply: reasoning, content, tool calls, stop strings ---
@@ -198,6 +199,61 @@ def test_no_budget_keeps_nothing():
     store = PromptCache(0)
     store.store("m", [1, 2, 3], caches_holding([1, 2, 3]), prompt=[1, 2])
     assert store.fetch("m", [1, 2, 3]).reused == 0
+
+
+# --- the prompt cache on disk ---
+
+
+def test_a_prompt_cache_on_disk_serves_a_new_process_the_prefix_an_old_one_stored(tmp_path):
+    PromptCache(0, DiskCache(tmp_path, 1 << 30)).store("m", [1, 2, 3, 4, 5], caches_holding([1, 2, 3, 4, 5]),
+                                                       prompt=[1, 2, 3, 4])
+    restarted = PromptCache(1 << 30, DiskCache(tmp_path, 1 << 30))  # a new process: only the files remain
+    reuse = restarted.fetch("m", [1, 2, 3, 4, 8, 9])
+    assert reuse.reused == 4 and read(reuse.caches) == [1, 2, 3, 4]
+    assert restarted.fetch("other-model", [1, 2, 3, 4, 8, 9]).reused == 0
+
+
+def test_a_truncated_a_renamed_or_a_foreign_file_is_ignored_with_a_log_line_and_never_loaded(tmp_path, caplog):
+    disk = DiskCache(tmp_path, 1 << 30)
+    for first in (1, 2, 3):
+        disk.store("m", [first, 7, 7, 7], caches_holding([first, 7, 7, 7]))
+    truncated, renamed, other = (tmp_path / DiskCache.file_name("m", [n, 7, 7, 7]) for n in (1, 2, 3))
+    truncated.write_bytes(truncated.read_bytes()[:-8])
+    renamed.rename(tmp_path / DiskCache.file_name("m", [5, 7, 7, 7]))
+    (tmp_path / "foreign.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}              ")
+    (tmp_path / "garbage.safetensors").write_bytes(b"not a safetensors file")
+    with caplog.at_level(logging.WARNING, logger="qwenmlx.server"):
+        store = PromptCache(1 << 30, DiskCache(tmp_path, 1 << 30))
+        assert store.fetch("m", [1, 7, 7, 7, 8]).reused == 0
+        assert store.fetch("m", [5, 7, 7, 7, 8]).reused == 0
+        assert store.fetch("m", [3, 7, 7, 7, 8]).reused == 4  # the intact file still serves
+    logged = caplog.text
+    for path in (truncated, tmp_path / DiskCache.file_name("m", [5, 7, 7, 7]), tmp_path / "foreign.safetensors",
+                 tmp_path / "garbage.safetensors"):
+        assert f"ignoring {path}" in logged
+    assert truncated.exists() and (tmp_path / "garbage.safetensors").exists()  # left alone, not deleted
+
+
+def test_past_the_disk_budget_the_least_recently_used_files_go_and_only_the_caches_own(tmp_path):
+    disk = DiskCache(tmp_path, 1 << 30)
+    disk.store("m", [10, 2, 3], caches_holding([10, 2, 3]))
+    size = next(iter(disk.entries.values())).nbytes
+    (tmp_path / "notes.safetensors").write_bytes(b"someone else's file")
+    disk = DiskCache(tmp_path, 2 * size + size // 2)  # room for two
+    for first in (20, 30):
+        time.sleep(0.01)  # distinct modification times
+        disk.store("m", [first, 2, 3], caches_holding([first, 2, 3]))
+    assert sorted(e.tokens[0] for e in disk.entries.values()) == [20, 30]
+    assert sorted(p.name for p in tmp_path.iterdir())[-1] == "notes.safetensors"
+    assert len(list(tmp_path.glob("*.safetensors"))) == 3
+
+
+def test_a_prompt_that_extends_one_on_disk_replaces_its_file(tmp_path):
+    disk = DiskCache(tmp_path, 1 << 30)
+    disk.store("m", [1, 2], caches_holding([1, 2]))
+    disk.store("m", [1, 2, 3, 4], caches_holding([1, 2, 3, 4]))
+    assert [e.tokens for e in disk.entries.values()] == [[1, 2, 3, 4]]
+    assert [p.name for p in tmp_path.iterdir()] == [DiskCache.file_name("m", [1, 2, 3, 4])]
 
 
 # --- SSE keep-alives ---

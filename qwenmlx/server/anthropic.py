@@ -80,7 +80,7 @@ class ToolChoice(BaseModel):
 
 
 class Thinking(BaseModel):
-    type: Literal["enabled", "disabled", "adaptive"]
+    type: Literal["enabled", "disabled", "adaptive", "between_tools"]
     budget_tokens: int | None = Field(None, ge=0)
 
 

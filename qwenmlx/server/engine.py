@@ -15,13 +15,14 @@ import time
 import traceback
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlx.core as mx
 
 from ..cache import KVCache, RotatingKVCache, copy_caches, make_cache
 from ..errors import QwenMLXError
 from ..generate import default_sampling, stream_generate
-from .prompt_cache import PromptCache
+from .prompt_cache import DiskCache, PromptCache
 from .reply import Reply, Text
 from .request import Failed, Finished, Request, RequestError, Started, Usage
 
@@ -108,7 +109,8 @@ class Engine:
 
     def __init__(self, load: Callable[[], LoadedModel], *, name: str, max_kv_size: int | None = None,
                  kv_bits: int | None = None, prompt_cache_bytes: int = 2 << 30, max_tokens: int | None = None,
-                 max_queue: int = 16, prefill_step: int | None = None, allow_scripted: bool = False):
+                 max_queue: int = 16, prefill_step: int | None = None, allow_scripted: bool = False,
+                 prompt_cache_dir: str | Path | None = None, prompt_cache_disk_bytes: int = 0):
         if max_queue < 0:
             raise QwenMLXError(f"--max-queue {max_queue}: must be 0 or more")
         if prompt_cache_bytes < 0:
@@ -123,7 +125,8 @@ class Engine:
         self._load = load
         self.max_kv_size, self.kv_bits, self.prefill_step = max_kv_size, kv_bits, prefill_step
         self.max_tokens, self.max_queue, self.allow_scripted = max_tokens, max_queue, allow_scripted
-        self.prompt_cache = PromptCache(prompt_cache_bytes)
+        disk = DiskCache(prompt_cache_dir, prompt_cache_disk_bytes) if prompt_cache_dir is not None else None
+        self.prompt_cache = PromptCache(prompt_cache_bytes, disk)
         self.state = "loading"  # then "ready", or "failed" with load_error
         self.load_error: Exception | None = None
         self.model = self.tokenizer = None
