@@ -236,6 +236,7 @@ def serve(model: str = MODEL_OPTION,
                                                      help="Disk for prompt caches; 0 keeps none on disk."),
           max_tokens: int = typer.Option(None, "--max-tokens", help="Longest answer (default: up to the context)."),
           max_queue: int = typer.Option(16, "--max-queue", help="Requests that may wait; past that, 503."),
+          max_batch: int = typer.Option(8, "--max-batch", help="Requests decoded together; past that, they wait."),
           prefill_step: int = PREFILL_OPTION, threads: int = THREADS_OPTION,
           memory_check: bool = MEMORY_CHECK_OPTION):
     """A server for editors, coding agents, UIs: OpenAI's Chat Completions and Responses, Anthropic's Messages."""
@@ -264,7 +265,8 @@ def serve(model: str = MODEL_OPTION,
     name = Path(model_dir).name
     engine = Engine(load, name=name, max_kv_size=max_kv_size, kv_bits=kv_bits,
                     prompt_cache_bytes=int(prompt_cache_gb * 1e9), max_tokens=max_tokens, max_queue=max_queue,
-                    prefill_step=prefill_step, allow_scripted=os.environ.get("QWENMLX_TEST_HOOKS") == "1",
+                    max_batch=max_batch, prefill_step=prefill_step,
+                    allow_scripted=os.environ.get("QWENMLX_TEST_HOOKS") == "1",
                     prompt_cache_dir=prompt_cache_dir or default_directory(),
                     prompt_cache_disk_bytes=int(prompt_cache_disk_gb * 1e9))
     server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key=api_key, cors_origin=cors_origin),

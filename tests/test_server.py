@@ -18,7 +18,7 @@ import pytest
 
 from qwenmlx.checkpoint import load
 from qwenmlx.server import Engine, LoadedModel, create_app
-from tests.serving import API_KEY, MAX_QUEUE, ORIGIN, free_port, http, script, user, wait_until_healthy
+from tests.serving import API_KEY, MAX_BATCH, MAX_QUEUE, ORIGIN, free_port, http, script, user, wait_until_healthy
 
 LONG = 3000  # tokens of a reply that is cancelled long before it ends
 GREEDY = dict(temperature=0.0, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
@@ -222,11 +222,24 @@ def test_a_client_that_gives_up_on_a_whole_answer_stops_its_generation(server):
     assert len(after) == len(before) + 1 and after[-1] < LONG
 
 
-def test_past_max_queue_waiting_requests_the_server_answers_503_with_retry_after(server):
+def test_a_request_that_arrives_while_another_decodes_joins_the_batch_and_can_finish_first(server):
     client = server.client()
     stream = client.chat.completions.create(model="m", messages=user("Keep going"), max_tokens=LONG, stream=True,
                                             extra_headers=script("on " * LONG))
-    next(stream)  # it is generating
+    first = next(c for c in stream if c.choices[0].delta.content)  # it is decoding
+    short = client.chat.completions.create(model="m", messages=user("Hi"), max_tokens=2)
+    assert short.choices[0].finish_reason in ("stop", "length")
+    assert f"{first.id}:" not in server.log.read_text()  # the long answer is still being generated
+    stream.close()
+
+
+def test_past_max_batch_decoding_and_max_queue_waiting_the_server_answers_503_with_retry_after(server):
+    client = server.client()
+    streams = [client.chat.completions.create(model="m", messages=user(f"Keep going {i}"), max_tokens=LONG,
+                                              stream=True, extra_headers=script("on " * LONG))
+               for i in range(MAX_BATCH)]
+    while http(f"{server.url}/health")[2]["running"] < MAX_BATCH:  # the batch is full
+        time.sleep(0.05)
 
     async def fill_and_overflow():
         async_client = server.async_client()
@@ -236,7 +249,8 @@ def test_past_max_queue_waiting_requests_the_server_answers_503_with_retry_after
             await asyncio.sleep(0.05)
         with pytest.raises(openai.APIStatusError) as info:
             await async_client.chat.completions.create(model="m", messages=user("One too many"), max_tokens=1)
-        stream.close()
+        for stream in streams:
+            stream.close()
         answers = await asyncio.gather(*waiting)
         return info.value, answers
 
@@ -245,8 +259,9 @@ def test_past_max_queue_waiting_requests_the_server_answers_503_with_retry_after
     assert all(a.choices[0].finish_reason for a in answers)
 
 
-def test_eight_clients_at_once_each_get_the_answer_they_get_alone(server):
-    prompts = [f"Question number {i}: what is {i} times {i}?" for i in range(8)]
+@pytest.mark.parametrize("clients", [4, 8])  # 8: twice the batch, so half of them join as others finish
+def test_clients_at_once_each_get_the_answer_they_get_alone(server, clients):
+    prompts = [f"Question number {i}: what is {i} times {i}?" for i in range(clients)]
     client = server.client()
     alone = [client.chat.completions.create(model="m", messages=user(p), max_tokens=12, **GREEDY) for p in prompts]
 

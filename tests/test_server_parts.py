@@ -11,8 +11,9 @@ import pytest
 
 from qwenmlx.cache import KVCache, RotatingKVCache, copy_caches
 from qwenmlx.checkpoint import load
+from qwenmlx.generate import stream_generate
 from qwenmlx.server.app import with_keepalives
-from qwenmlx.server.engine import Engine, LoadedModel, Request, thinking_switch
+from qwenmlx.server.engine import Engine, LoadedModel, Request, scripted_sampler, thinking_switch
 from qwenmlx.server.prompt_cache import DiskCache, PromptCache
 from qwenmlx.server.reply import Reply, Text, ToolCall
 
@@ -310,3 +311,26 @@ def test_a_reply_that_evicts_from_a_rotating_cache_leaves_an_exact_checkpoint_fo
         assert events[-1].usage.cached_tokens == len(prompt)
     finally:
         engine.stop()
+
+
+def test_past_the_thinking_budget_the_engine_closes_the_thought_as_the_clis_generation_does(moe_dir):
+    """The same model, prompt, scripted sampler and budget through the engine and through stream_generate."""
+    engine = Engine(lambda: LoadedModel(*load(moe_dir), "tiny"), name="tiny", allow_scripted=True)
+    engine.start()
+    try:
+        while engine.state == "loading":
+            time.sleep(0.01)
+        messages = [{"role": "user", "content": "Think hard."}]
+        reply = "<think>\n" + "one two three " * 20 + "\n</think>\n\nDone."
+        events, prompt = answer(engine, Request(messages=messages, max_tokens=60, thinking_budget=8,
+                                                scripted={"reply": reply}))
+    finally:
+        engine.stop()
+    model, tokenizer = load(moe_dir)  # MLX streams belong to a thread: the engine's copy stays on its own
+    script = tokenizer.encode(reply)
+    steps = list(stream_generate(model, tokenizer, prompt, max_tokens=60, thinking_budget=8,
+                                 sampler=scripted_sampler(script, min(tokenizer.eos_token_ids), None)))
+    thought = "".join(s.text for s in steps if s.thinking)
+    assert "Considering the limited time by the user" in text_of(events, "reasoning")
+    assert text_of(events, "reasoning") == thought.replace("<think>", "").replace("</think>", "").strip()
+    assert events[-1].usage.completion_tokens == len(steps)

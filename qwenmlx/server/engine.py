@@ -1,5 +1,6 @@
-"""The one generation thread: it owns MLX, takes requests in arrival order from a bounded queue, reuses
-KV caches across requests, and sends each request's events back to the asyncio side.
+"""The one generation thread: it owns MLX, takes requests in arrival order from a bounded queue, decodes
+the concurrent ones as one batch, reuses KV caches across requests, and sends each request's events
+back to the asyncio side.
 
 Every API module turns its request shape into a `Request` and reads the events back out (see
 request.py). Nothing here knows HTTP or any API's format. A request is checked and rendered on the
@@ -19,9 +20,10 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from ..batch import decode_step
 from ..cache import KVCache, RotatingKVCache, copy_caches, make_cache
 from ..errors import QwenMLXError
-from ..generate import default_sampling, stream_generate
+from ..generate import THINKING_BUDGET_TEXT, Thought, default_sampling, make_sampler, prefill_step_for
 from .prompt_cache import DiskCache, PromptCache
 from .reply import Reply, Text
 from .request import Failed, Finished, Request, RequestError, Started, Usage
@@ -35,10 +37,6 @@ class Unavailable(Exception):
     def __init__(self, message: str, code: str):
         super().__init__(message)
         self.message, self.code = message, code
-
-
-class Cancelled(Exception):
-    pass
 
 
 @dataclass
@@ -102,17 +100,22 @@ class Job:
 
 
 class Engine:
-    """Loads the model on its own thread, then generates for one job at a time in arrival order.
+    """Loads the model on its own thread, then decodes up to max_batch jobs together, taken in arrival order.
 
+    A job that arrives while others decode joins the batch at the next step; its prompt is prefilled a
+    bounded chunk per step, between the batch's decode steps, so a long prompt does not stall the others.
     Loading happens on the generation thread too: MLX streams belong to the thread that made them.
     """
 
     def __init__(self, load: Callable[[], LoadedModel], *, name: str, max_kv_size: int | None = None,
                  kv_bits: int | None = None, prompt_cache_bytes: int = 2 << 30, max_tokens: int | None = None,
-                 max_queue: int = 16, prefill_step: int | None = None, allow_scripted: bool = False,
+                 max_queue: int = 16, max_batch: int = 8, prefill_step: int | None = None,
+                 allow_scripted: bool = False,
                  prompt_cache_dir: str | Path | None = None, prompt_cache_disk_bytes: int = 0):
         if max_queue < 0:
             raise QwenMLXError(f"--max-queue {max_queue}: must be 0 or more")
+        if max_batch < 1:
+            raise QwenMLXError(f"--max-batch {max_batch}: must be at least 1")
         if prompt_cache_bytes < 0:
             raise QwenMLXError("--prompt-cache-gb: must be 0 or more")
         if max_tokens is not None and max_tokens < 1:
@@ -124,7 +127,8 @@ class Engine:
         self.name = name
         self._load = load
         self.max_kv_size, self.kv_bits, self.prefill_step = max_kv_size, kv_bits, prefill_step
-        self.max_tokens, self.max_queue, self.allow_scripted = max_tokens, max_queue, allow_scripted
+        self.max_tokens, self.max_queue, self.max_batch = max_tokens, max_queue, max_batch
+        self.allow_scripted = allow_scripted
         disk = DiskCache(prompt_cache_dir, prompt_cache_disk_bytes) if prompt_cache_dir is not None else None
         self.prompt_cache = PromptCache(prompt_cache_bytes, disk)
         self.state = "loading"  # then "ready", or "failed" with load_error
@@ -132,7 +136,7 @@ class Engine:
         self.model = self.tokenizer = None
         self.namespace = ""
         self.waiting = 0
-        self.running: Job | None = None
+        self.running: list[Sequence] = []  # the batch, in arrival order
         self._queue: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="qwenmlx-generation", daemon=True)
@@ -203,90 +207,98 @@ class Engine:
             return
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.namespace = f"{loaded.key}|max_kv_size={self.max_kv_size}|kv_bits={self.kv_bits}"
+        self.budget_tokens = self.tokenizer.encode(THINKING_BUDGET_TEXT)
         self.state = "ready"
         self._on_ready()
-        while (job := self._queue.get()) is not None:
+        while self._admit():
+            self._step()
+
+    def _admit(self) -> bool:
+        """Move waiting jobs into the batch while it has room (waiting for one when it is empty); False: stop."""
+        while len(self.running) < self.max_batch:
+            try:
+                job = self._queue.get(block=not self.running)
+            except queue.Empty:
+                break
+            if job is None:
+                return False
             with self._lock:
                 self.waiting -= 1
-                self.running = job
-            try:
-                self._serve(job)
-            finally:
-                self.running = None
+            if job.cancelled.is_set():
+                log.info("%s: cancelled while waiting", job.request.id)
+                continue
+            self._guarded([job], lambda job=job: self.running.append(Sequence(self, job)))
+        return True
 
-    def _serve(self, job: Job) -> None:
-        if job.cancelled.is_set():
-            return log.info("%s: cancelled while waiting", job.request.id)
+    def _step(self) -> None:
+        """One chunk of one prompt's prefill, then one decode step for every sequence past its prefill."""
+        for sequence in [s for s in self.running if s.job.cancelled.is_set()]:
+            self._finish(sequence, "cancelled")
+        prefilling = [s for s in self.running if s.to_prefill]
+        if prefilling:
+            self._guarded([prefilling[0].job], prefilling[0].prefill_chunk)
+        decoding = [s for s in self.running if not s.to_prefill]
+        if decoding:
+            self._guarded([s.job for s in decoding], lambda: self._decode(decoding))
+
+    def _decode(self, decoding: list["Sequence"]) -> None:
+        """Feed each sequence its next token (in one batch; forced thinking-budget text alone) and sample."""
+        batch = [s for s in decoding if not s.forced]
+        rows = list(decode_step(self.model, [s.next_token for s in batch], [s.caches for s in batch])) if batch else []
+        for sequence in decoding:
+            if sequence.forced:
+                rows.insert(decoding.index(sequence), sequence.feed_forced())
+        tokens = []
+        for sequence, logits in zip(decoding, rows):
+            tokens.append(self._guarded([sequence.job], lambda s=sequence, row=logits: s.sample(row[None])))
+        mx.eval([t for t in tokens if t is not None])
+        for sequence, token in zip(decoding, tokens):
+            if token is not None:
+                reason = self._guarded([sequence.job], lambda s=sequence, t=token: s.accept(t.item()))
+                if reason:
+                    self._finish(sequence, reason)
+
+    def _guarded(self, jobs: list[Job], work: Callable):
+        """work(), or, if it fails, those jobs failed (the server keeps serving the others)."""
         try:
-            self._generate(job)
-        except Cancelled:
-            log.info("%s: cancelled during prefill", job.request.id)
+            return work()
         except (MemoryError, RuntimeError) as e:  # MLX reports a failed allocation as RuntimeError
-            log.error("%s failed: %s", job.request.id, e)
-            self.prompt_cache.clear()
-            mx.clear_cache()
             out_of_memory = isinstance(e, MemoryError) or any(w in str(e).lower() for w in ("memory", "alloc"))
             message = f"out of memory: {e}" if out_of_memory else f"internal error: {e}"
-            job.send(Failed(500, message))
+            for job in jobs:
+                log.error("%s failed: %s", job.request.id, e)
+            self.prompt_cache.clear()
+            mx.clear_cache()
         except Exception as e:
-            log.error("%s failed:\n%s", job.request.id, traceback.format_exc())
-            job.send(Failed(500, f"internal error: {type(e).__name__}: {e}"))
+            message = f"internal error: {type(e).__name__}: {e}"
+            for job in jobs:
+                log.error("%s failed:\n%s", job.request.id, traceback.format_exc())
+        for job in jobs:
+            job.send(Failed(500, message))
+            self.running = [s for s in self.running if s.job is not job]
+        return None
 
-    def _generate(self, job: Job) -> None:
-        request, prompt = job.request, job.prompt
-        reuse = self.prompt_cache.fetch(self.namespace, prompt)
-        job.send(Started(len(prompt), reuse.reused))
-        caches = reuse.caches or make_cache(self.model, self.max_kv_size, self.kv_bits)
-        # A rotating cache may evict during the reply: then the prompt's checkpoint must be copied before it.
-        early_checkpoint = self.max_kv_size is not None and len(prompt) + job.max_tokens > self.max_kv_size
-        checkpoint = None
-        reply = Reply(self.tokenizer, prompt, chat=job.chat, tools=bool(request.tools), stop=request.stop)
-        logprobs = [] if request.top_logprobs is not None else None
-        sampler = None
-        if request.scripted:
-            scripted = self.tokenizer.encode(request.scripted.get("reply", ""))
-            sampler = scripted_sampler(scripted, min(self.tokenizer.eos_token_ids), request.scripted.get("fail"))
-
-        def on_prefill_progress(done: int, total: int) -> None:
-            if job.cancelled.is_set():
-                raise Cancelled
-
-        steps = stream_generate(self.model, self.tokenizer, prompt[reuse.reused:], cache=caches, sampling=job.sampling,
-                                max_tokens=job.max_tokens, thinking_budget=request.thinking_budget,
-                                prefill_step=self.prefill_step, on_prefill_progress=on_prefill_progress,
-                                sampler=sampler, logprobs=logprobs)
-        generated, pending_logprobs, stats, reason = [], [], None, "cancelled"
-        start = time.perf_counter()
-        try:
-            for step in steps:
-                if early_checkpoint and checkpoint is None:  # the caches hold the prompt and this token
-                    checkpoint = copy_caches(caches)
-                    for c in checkpoint:
-                        c.trim(1)
-                generated.append(step.token)
-                stats = step.stats
-                pieces = reply.feed(step.token, step.text)
-                if logprobs is not None and logprobs[-1] is not None and not reply.in_thought:
-                    pending_logprobs.append(self._token_logprobs(step.token, logprobs[-1], request.top_logprobs))
-                for piece in pieces:
-                    if isinstance(piece, Text) and piece.kind == "content":
-                        piece.logprobs, pending_logprobs = pending_logprobs, []
-                    job.send(piece)
-                if reply.stopped or job.cancelled.is_set():
-                    break
-            if not job.cancelled.is_set():
-                for piece in reply.finish():
-                    job.send(piece)
-                reason = "stop" if reply.stopped else ("tool_calls" if reply.n_tool_calls else stats.finish_reason)
-        finally:
-            steps.close()  # the caches now hold the prompt and all but the last generated token
-        held = (prompt + generated)[: caches[0].offset + caches[0].evicted]
-        self.prompt_cache.store(self.namespace, held, caches, prompt, checkpoint)
-        seconds = time.perf_counter() - start
+    def _finish(self, sequence: "Sequence", reason: str) -> None:
+        self.running.remove(sequence)
+        job, prompt, caches = sequence.job, sequence.job.prompt, sequence.caches
+        if reason != "cancelled":
+            for piece in sequence.reply.finish():
+                job.send(piece)
+        held = (prompt + sequence.generated)[: caches[0].offset + caches[0].evicted]
+        if sequence.generated:  # the caches hold the prompt and all but the last generated token
+            self.prompt_cache.store(self.namespace, held, caches, prompt, sequence.checkpoint)
+        reply, generated = sequence.reply, len(sequence.generated)
+        if reason != "cancelled":
+            reason = "stop" if reply.stopped else ("tool_calls" if reply.n_tool_calls else reason)
+        elif sequence.to_prefill:
+            log.info("%s: cancelled during prefill", job.request.id)
+        decode_seconds = time.perf_counter() - (sequence.first_token_at or time.perf_counter())
         log.info("%s: %s, %d prompt tokens (%d cached), %d generated, %.2f s to the first token, "
-                 "%.1f tok/s, %.2f s", request.id, reason, len(prompt), reuse.reused, len(generated),
-                 stats.prefill_seconds if stats else 0, stats.decode_tps if stats else 0, seconds)
-        job.send(Finished(reason, Usage(len(prompt), len(generated), reuse.reused), reply.stop_sequence))
+                 "%.1f tok/s, %.2f s", job.request.id, reason, len(prompt), sequence.reused, generated,
+                 (sequence.first_token_at or sequence.started_at) - sequence.started_at,
+                 (generated - 1) / decode_seconds if generated > 1 and decode_seconds else 0,
+                 time.perf_counter() - sequence.started_at)
+        job.send(Finished(reason, Usage(len(prompt), generated, sequence.reused), reply.stop_sequence))
 
     def _token_logprobs(self, token: int, logprobs: mx.array, top: int) -> dict:
         """The chosen token's log-probability and the `top` likeliest alternatives, as text."""
@@ -298,3 +310,100 @@ class Engine:
             order = mx.argsort(-values)
             alternatives = [(decode([i]), v) for i, v in zip(ids[order].tolist(), values[order].tolist())]
         return {"token": decode([token]), "logprob": logprobs[token].item(), "top": alternatives}
+
+
+class Sequence:
+    """One job in the batch: its caches, what is left of its prompt to prefill, its sampler, reply and stops.
+
+    A sequence is fed one token per decode step (its last sampled token, or first the prompt's last
+    token), so its caches always hold the prompt and every generated token but the last.
+    """
+
+    def __init__(self, engine: Engine, job: Job):
+        self.engine, self.job = engine, job
+        self.started_at, self.first_token_at = time.perf_counter(), None
+        model, tokenizer, request, prompt = engine.model, engine.tokenizer, job.request, job.prompt
+        reuse = engine.prompt_cache.fetch(engine.namespace, prompt)
+        job.send(Started(len(prompt), reuse.reused))
+        self.reused = reuse.reused
+        self.caches = reuse.caches or make_cache(model, engine.max_kv_size, engine.kv_bits)
+        self.to_prefill = prompt[reuse.reused : -1]
+        self.next_token = prompt[-1]
+        self.forced: list[int] = []  # thinking-budget text to feed before the next token is sampled
+        # A rotating cache may evict during the reply: then the prompt's checkpoint must be copied before it.
+        self.early_checkpoint = engine.max_kv_size is not None and len(prompt) + job.max_tokens > engine.max_kv_size
+        self.checkpoint = None
+        self.reply = Reply(tokenizer, prompt, chat=job.chat, tools=bool(request.tools), stop=request.stop)
+        self.detokenizer = tokenizer.detokenizer()
+        self.thought = Thought(tokenizer.think_start_id, tokenizer.think_end_id, prompt)
+        self.generated: list[int] = []
+        self.pending_logprobs: list[dict] = []
+        self.logprobs: mx.array | None = None  # of the token being sampled, when asked for
+        if request.scripted:
+            scripted = tokenizer.encode(request.scripted.get("reply", ""))
+            self.sampler = scripted_sampler(scripted, min(tokenizer.eos_token_ids), request.scripted.get("fail"))
+        else:
+            self.sampler = make_sampler(job.sampling)
+        self.use_counts = job.sampling.presence_penalty != 0 or job.sampling.repetition_penalty != 1.0
+        self.counts = mx.zeros((model.config.vocab_size,), mx.int32)
+
+    def prefill_chunk(self) -> None:
+        """Run the next bounded chunk of the prompt into the caches."""
+        engine, caches = self.engine, self.caches
+        step = engine.prefill_step or prefill_step_for(engine.model, caches[0].offset + len(self.to_prefill))
+        chunk, self.to_prefill = self.to_prefill[:step], self.to_prefill[step:]
+        engine.model(mx.array(chunk)[None], caches)
+        mx.eval([c.state for c in caches])
+        mx.clear_cache()
+
+    def feed_forced(self) -> mx.array:
+        """The logits after the next token and the forced thinking-budget text, fed alone (they are several)."""
+        tokens, self.forced = [self.next_token, *self.forced], []
+        return self.engine.model(mx.array(tokens)[None], self.caches)[0, -1]
+
+    def sample(self, logits: mx.array) -> mx.array:
+        if self.job.request.top_logprobs is not None:
+            self.logprobs = (logits - mx.logsumexp(logits, axis=-1, keepdims=True))[0]
+        return self.sampler(logits, self.counts)
+
+    def accept(self, token: int) -> str | None:
+        """Take the sampled token (and, past the thinking budget, the text that closes the thought): send their
+        text, and say why the sequence ends here ("stop" or "length"), if it does."""
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+            if self.early_checkpoint:  # the caches hold exactly the prompt
+                self.checkpoint = copy_caches(self.caches)
+        if self._take(token, self.logprobs):
+            return self._end_reason(token)
+        self.next_token = token
+        budget = self.job.request.thinking_budget
+        if budget is not None and self.thought.inside and self.thought.length >= budget:
+            for forced in self.engine.budget_tokens:  # generated, though not sampled
+                if self._take(forced, None):
+                    return self._end_reason(forced)
+                self.forced.append(forced)
+        return None
+
+    def _take(self, token: int, logprobs: mx.array | None) -> bool:
+        """Send one generated token's text; True when generation must end after it."""
+        engine, request, tokenizer = self.engine, self.job.request, self.engine.tokenizer
+        self.generated.append(token)
+        self.thought.update(token)
+        if self.use_counts:
+            self.counts = self.counts.at[token].add(1)
+        eos = token in tokenizer.eos_token_ids
+        last = eos or len(self.generated) >= self.job.max_tokens
+        text = "" if eos else self.detokenizer.add_token(token)
+        if last:
+            text += self.detokenizer.finalize()
+        pieces = self.reply.feed(token, text)
+        if logprobs is not None and not self.reply.in_thought:
+            self.pending_logprobs.append(engine._token_logprobs(token, logprobs, request.top_logprobs))
+        for piece in pieces:
+            if isinstance(piece, Text) and piece.kind == "content":
+                piece.logprobs, self.pending_logprobs = self.pending_logprobs, []
+            self.job.send(piece)
+        return last or self.reply.stopped
+
+    def _end_reason(self, token: int) -> str:
+        return "stop" if token in self.engine.tokenizer.eos_token_ids or self.reply.stopped else "length"
