@@ -16,6 +16,7 @@ from qwenmlx.server.app import with_keepalives
 from qwenmlx.server.engine import Engine, LoadedModel, Request, scripted_sampler, thinking_switch
 from qwenmlx.server.prompt_cache import DiskCache, PromptCache
 from qwenmlx.server.reply import Reply, Text, ToolCall
+from qwenmlx.server.request import Finished, Started
 
 # --- the reply: reasoning, content, tool calls, stop strings ---
 
@@ -334,3 +335,43 @@ def test_past_the_thinking_budget_the_engine_closes_the_thought_as_the_clis_gene
     assert "Considering the limited time by the user" in text_of(events, "reasoning")
     assert text_of(events, "reasoning") == thought.replace("<think>", "").replace("</think>", "").strip()
     assert events[-1].usage.completion_tokens == len(steps)
+
+
+def test_a_long_new_prompt_is_prefilled_a_chunk_per_step_while_the_running_stream_keeps_decoding(moe_dir):
+    engine = Engine(lambda: LoadedModel(*load(moe_dir), "tiny"), name="tiny", allow_scripted=True, prefill_step=16)
+    engine.start()
+    sent = []  # (which request, event), in the order the generation thread sent them
+
+    def recorded(job, name: str):
+        send = job.send
+        job.send = lambda event: (sent.append((name, event)), send(event))
+        return job
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        running = recorded(engine.prepare(Request(messages=[{"role": "user", "content": "Go on."}], max_tokens=300,
+                                                  scripted={"reply": "on " * 300}), loop), "running")
+        engine.submit(running)
+        events = running.events()
+        while not isinstance(await anext(events), Text):  # it is decoding
+            pass
+        long_prompt = [{"role": "user", "content": "word " * 400}]
+        arriving = recorded(engine.prepare(Request(messages=long_prompt, max_tokens=2), loop), "arriving")
+        engine.submit(arriving)
+        async for event in arriving.events():
+            if isinstance(event, Finished):
+                break
+        running.cancel()
+        async for _ in events:
+            pass
+
+    try:
+        while engine.state == "loading":
+            time.sleep(0.01)
+        asyncio.run(run())
+    finally:
+        engine.stop()
+    names = [name for name, _ in sent]
+    started = names.index("arriving")  # its Started: taken into the batch, its prefill begins
+    first_token = next(i for i, (name, e) in enumerate(sent) if name == "arriving" and not isinstance(e, Started))
+    assert names[started:first_token].count("running") >= 400 // 16 - 1  # a decode step after every chunk

@@ -290,11 +290,11 @@ class Engine:
         reply, generated = sequence.reply, len(sequence.generated)
         if reason != "cancelled":
             reason = "stop" if reply.stopped else ("tool_calls" if reply.n_tool_calls else reason)
-        elif sequence.to_prefill:
-            log.info("%s: cancelled during prefill", job.request.id)
         decode_seconds = time.perf_counter() - (sequence.first_token_at or time.perf_counter())
         log.info("%s: %s, %d prompt tokens (%d cached), %d generated, %.2f s to the first token, "
-                 "%.1f tok/s, %.2f s", job.request.id, reason, len(prompt), sequence.reused, generated,
+                 "%.1f tok/s, %.2f s", job.request.id,
+                 "cancelled during prefill" if reason == "cancelled" and sequence.to_prefill else reason,
+                 len(prompt), sequence.reused, generated,
                  (sequence.first_token_at or sequence.started_at) - sequence.started_at,
                  (generated - 1) / decode_seconds if generated > 1 and decode_seconds else 0,
                  time.perf_counter() - sequence.started_at)
