@@ -5,8 +5,8 @@ and `BatchCache` takes care of it: RoPE gets each row's own position (mx.fast.ro
 offsets), and each row attends over its own cache, so sequences of different lengths never see each
 other. Everything else (projections, norms, the router, the experts) is row by row already, so a
 sequence's logits in a batch equal its logits alone up to the order of float additions in a matmul.
-In the MoE layers the batch's tokens are routed together: once the batch chooses enough
-(token, expert) pairs, each expert's weights are read once for all the rows that chose it.
+In the MoE layers the batch's tokens are routed together: their (token, expert) pairs are sorted
+by expert, so each expert's weights are read once for all the rows that chose it.
 """
 
 import mlx.core as mx
