@@ -32,7 +32,7 @@ def alone(model, token: int, cache: list) -> mx.array:
     ("moe", [5, 17, 40, 23], {}),
     ("dense", [5, 17, 40, 23], {}),
     ("moe", [30, 9, 12, 33], {"max_kv_size": 16}),  # rotating caches, some evicting during the steps
-    ("moe", [3 + i for i in range(40)], {}),  # 80 (token, expert) pairs: the experts' rows sorted and read once
+    ("moe", [3 + i for i in range(40)], {}),  # a batch of 40: 80 (token, expert) pairs over 8 experts
 ])
 def test_a_sequences_logits_in_a_batch_equal_its_logits_alone_step_after_step(checkpoint_dir, variant, lengths,
                                                                               cache_settings):
