@@ -33,10 +33,10 @@ class BatchCache:
         return mx.concatenate(rows, axis=0)
 
 
-def decode_step(model, tokens: list[int], caches: list[list[KVCache]]) -> mx.array:
+def decode_step(model, tokens: list[int] | mx.array, caches: list[list[KVCache]]) -> mx.array:
     """The next-token logits [B, vocab] of B sequences, each given its next token and its own caches (one per layer).
 
     Every sequence's caches grow by its token, as they would had it run alone.
     """
     per_layer = [BatchCache([sequence[i] for sequence in caches]) for i in range(len(model.layers))]
-    return model(mx.array(tokens)[:, None], per_layer)[:, -1, :]
+    return model(mx.array(tokens).reshape(-1, 1), per_layer)[:, -1, :]

@@ -242,21 +242,29 @@ class Engine:
             self._guarded([s.job for s in decoding], lambda: self._decode(decoding))
 
     def _decode(self, decoding: list["Sequence"]) -> None:
-        """Feed each sequence its next token (in one batch; forced thinking-budget text alone) and sample."""
-        batch = [s for s in decoding if not s.forced]
-        rows = list(decode_step(self.model, [s.next_token for s in batch], [s.caches for s in batch])) if batch else []
+        """One decode step for the batch: feed each sequence the token it sampled last step and sample the next
+        (in one forward pass; forced thinking-budget text alone), and, while that computes, read and send the
+        tokens sampled last step, as stream_generate overlaps the model with its caller."""
+        fed = [s for s in decoding if not s.forced and not s.pending_is_last]
+        alone = [s for s in decoding if s.forced]
+        rows = []
+        if fed:
+            inputs = mx.concatenate([s.input_token() for s in fed])
+            rows = list(decode_step(self.model, inputs, [s.caches for s in fed]))
+            for sequence in fed:
+                sequence.checkpoint_prompt()
+        rows += [s.feed_forced() for s in alone]
+        sampled = {}
+        for sequence, logits in zip(fed + alone, rows):
+            sampled[sequence] = self._guarded([sequence.job], lambda s=sequence, row=logits: s.sample(row[None]))
+        mx.async_eval([pair[0] for pair in sampled.values() if pair is not None])
         for sequence in decoding:
-            if sequence.forced:
-                rows.insert(decoding.index(sequence), sequence.feed_forced())
-        tokens = []
-        for sequence, logits in zip(decoding, rows):
-            tokens.append(self._guarded([sequence.job], lambda s=sequence, row=logits: s.sample(row[None])))
-        mx.eval([t for t in tokens if t is not None])
-        for sequence, token in zip(decoding, tokens):
-            if token is not None:
-                reason = self._guarded([sequence.job], lambda s=sequence, t=token: s.accept(t.item()))
+            if sequence.pending is not None:
+                reason = self._guarded([sequence.job], sequence.accept)
                 if reason:
                     self._finish(sequence, reason)
+            if sequence in self.running and not sequence.forced:
+                sequence.pending = sampled.get(sequence)
 
     def _guarded(self, jobs: list[Job], work: Callable):
         """work(), or, if it fails, those jobs failed (the server keeps serving the others)."""
@@ -285,7 +293,7 @@ class Engine:
             for piece in sequence.reply.finish():
                 job.send(piece)
         held = (prompt + sequence.generated)[: caches[0].offset + caches[0].evicted]
-        if sequence.generated:  # the caches hold the prompt and all but the last generated token
+        if sequence.generated:  # the caches hold the prompt and the generated tokens they were fed
             self.prompt_cache.store(self.namespace, held, caches, prompt, sequence.checkpoint)
         reply, generated = sequence.reply, len(sequence.generated)
         if reason != "cancelled":
@@ -315,8 +323,9 @@ class Engine:
 class Sequence:
     """One job in the batch: its caches, what is left of its prompt to prefill, its sampler, reply and stops.
 
-    A sequence is fed one token per decode step (its last sampled token, or first the prompt's last
-    token), so its caches always hold the prompt and every generated token but the last.
+    Each decode step feeds a sequence the token it sampled the step before (first, the prompt's last
+    token), samples the next (`pending`, not read yet), then reads and sends the one it fed. So its
+    caches hold the prompt and every token sent, and the last one sampled is fed only if it is needed.
     """
 
     def __init__(self, engine: Engine, job: Job):
@@ -328,7 +337,7 @@ class Sequence:
         self.reused = reuse.reused
         self.caches = reuse.caches or make_cache(model, engine.max_kv_size, engine.kv_bits)
         self.to_prefill = prompt[reuse.reused : -1]
-        self.next_token = prompt[-1]
+        self.pending: tuple[mx.array, mx.array | None] | None = None  # sampled token and its logprobs, unread
         self.forced: list[int] = []  # thinking-budget text to feed before the next token is sampled
         # A rotating cache may evict during the reply: then the prompt's checkpoint must be copied before it.
         self.early_checkpoint = engine.max_kv_size is not None and len(prompt) + job.max_tokens > engine.max_kv_size
@@ -338,7 +347,6 @@ class Sequence:
         self.thought = Thought(tokenizer.think_start_id, tokenizer.think_end_id, prompt)
         self.generated: list[int] = []
         self.pending_logprobs: list[dict] = []
-        self.logprobs: mx.array | None = None  # of the token being sampled, when asked for
         if request.scripted:
             scripted = tokenizer.encode(request.scripted.get("reply", ""))
             self.sampler = scripted_sampler(scripted, min(tokenizer.eos_token_ids), request.scripted.get("fail"))
@@ -346,6 +354,11 @@ class Sequence:
             self.sampler = make_sampler(job.sampling)
         self.use_counts = job.sampling.presence_penalty != 0 or job.sampling.repetition_penalty != 1.0
         self.counts = mx.zeros((model.config.vocab_size,), mx.int32)
+
+    @property
+    def pending_is_last(self) -> bool:
+        """The pending token will be the last one (max_tokens): nothing comes after it, so it is not fed."""
+        return self.pending is not None and len(self.generated) + 1 >= self.job.max_tokens
 
     def prefill_chunk(self) -> None:
         """Run the next bounded chunk of the prompt into the caches."""
@@ -356,26 +369,43 @@ class Sequence:
         mx.eval([c.state for c in caches])
         mx.clear_cache()
 
+    def input_token(self) -> mx.array:
+        """What this step feeds: the pending token (counted for the penalties), or first the prompt's last token."""
+        if self.pending is None:
+            return mx.array(self.job.prompt[-1:])
+        token = self.pending[0]
+        if self.use_counts:
+            self.counts = self.counts.at[token].add(1)
+        return token
+
+    def checkpoint_prompt(self) -> None:
+        """After the first step the caches hold exactly the prompt: keep a copy if the reply may evict it."""
+        if self.early_checkpoint and self.checkpoint is None:
+            self.checkpoint = copy_caches(self.caches)
+
     def feed_forced(self) -> mx.array:
-        """The logits after the next token and the forced thinking-budget text, fed alone (they are several)."""
-        tokens, self.forced = [self.next_token, *self.forced], []
+        """The logits after the forced thinking-budget text, fed alone (it is several tokens)."""
+        tokens, self.forced = self.forced, []
+        if self.use_counts:
+            self.counts = self.counts.at[mx.array(tokens)].add(1)
         return self.engine.model(mx.array(tokens)[None], self.caches)[0, -1]
 
-    def sample(self, logits: mx.array) -> mx.array:
+    def sample(self, logits: mx.array) -> tuple[mx.array, mx.array | None]:
+        """The next token (unevaluated) and, when asked for, the log-probabilities it was drawn from."""
+        logprobs = None
         if self.job.request.top_logprobs is not None:
-            self.logprobs = (logits - mx.logsumexp(logits, axis=-1, keepdims=True))[0]
-        return self.sampler(logits, self.counts)
+            logprobs = (logits - mx.logsumexp(logits, axis=-1, keepdims=True))[0]
+        return self.sampler(logits, self.counts), logprobs
 
-    def accept(self, token: int) -> str | None:
-        """Take the sampled token (and, past the thinking budget, the text that closes the thought): send their
-        text, and say why the sequence ends here ("stop" or "length"), if it does."""
+    def accept(self) -> str | None:
+        """Read the pending token and send it (and, past the thinking budget, the text that closes the thought);
+        say why the sequence ends here ("stop" or "length"), if it does."""
+        (token, logprobs), self.pending = self.pending, None
+        token = token.item()
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-            if self.early_checkpoint:  # the caches hold exactly the prompt
-                self.checkpoint = copy_caches(self.caches)
-        if self._take(token, self.logprobs):
+        if self._take(token, logprobs):
             return self._end_reason(token)
-        self.next_token = token
         budget = self.job.request.thinking_budget
         if budget is not None and self.thought.inside and self.thought.length >= budget:
             for forced in self.engine.budget_tokens:  # generated, though not sampled
@@ -389,8 +419,6 @@ class Sequence:
         engine, request, tokenizer = self.engine, self.job.request, self.engine.tokenizer
         self.generated.append(token)
         self.thought.update(token)
-        if self.use_counts:
-            self.counts = self.counts.at[token].add(1)
         eos = token in tokenizer.eos_token_ids
         last = eos or len(self.generated) >= self.job.max_tokens
         text = "" if eos else self.detokenizer.add_token(token)
