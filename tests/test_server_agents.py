@@ -115,6 +115,15 @@ def test_count_tokens_counts_the_prompt_a_message_is_generated_after_and_a_repea
     assert again.usage.cache_read_input_tokens == counted - 1  # all but the last token, which gives the logits
 
 
+def test_a_server_tool_of_anthropics_is_left_out_of_the_prompt_with_a_log_line(server):
+    client = server.anthropic_client()
+    web_search = {"type": "web_search_20250305", "name": "web_search", "max_uses": 2}
+    counted = {len(tools): client.messages.count_tokens(model="m", messages=user("Hi"), tools=tools).input_tokens
+               for tools in ([WEATHER], [WEATHER, web_search])}
+    assert counted[1] == counted[2]
+    assert "tool 'web_search' (web_search_20250305) runs on Anthropic's servers" in server.log.read_text()
+
+
 def test_a_wrong_key_is_401_in_anthropics_shape_and_a_bearer_token_is_accepted_too(server):
     with pytest.raises(anthropic.AuthenticationError) as info:
         anthropic.Anthropic(base_url=server.url, api_key="wrong", max_retries=0).messages.create(

@@ -11,6 +11,7 @@ prompt tokens that were not read from the prompt cache, as Anthropic counts them
 """
 
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Literal
@@ -34,6 +35,8 @@ from .request import (
     tool_result,
 )
 from .sse import sse, typed_stream
+
+log = logging.getLogger("qwenmlx.server")
 
 PATH = "/v1/messages"
 PING = sse({"type": "ping"}, "ping")
@@ -69,9 +72,10 @@ class Message(BaseModel):
 
 class Tool(BaseModel):
     model_config = ConfigDict(extra="allow")
+    type: str | None = None
     name: str
     description: str | None = None
-    input_schema: dict
+    input_schema: dict | None = None  # none: one of Anthropic's server tools (web search, ...), which run there
 
 
 class ToolChoice(BaseModel):
@@ -138,7 +142,10 @@ def conversation(body: CountTokensRequest) -> dict:
     """The Request fields a message and a count of its tokens share: messages, tools, thinking."""
     tools = None
     if body.tools and not (body.tool_choice and body.tool_choice.type == "none"):
-        tools = [function_tool(t.name, t.description, t.input_schema) for t in body.tools]
+        for server_tool in (t for t in body.tools if t.input_schema is None):
+            log.warning("tool %r (%s) runs on Anthropic's servers, not here: left out of the prompt",
+                        server_tool.name, server_tool.type)
+        tools = [function_tool(t.name, t.description, t.input_schema) for t in body.tools if t.input_schema is not None]
     thinking = None if body.thinking is None else body.thinking.type != "disabled"
     budget = body.thinking.budget_tokens if body.thinking and thinking else None
     return {"messages": template_messages(body), "tools": tools, "thinking": thinking, "thinking_budget": budget}
