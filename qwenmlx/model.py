@@ -172,8 +172,9 @@ class ExpertsSwiGLU(nn.Module):
     def __call__(self, x: mx.array, expert_ids: mx.array) -> mx.array:
         """x: [..., hidden], expert_ids: [..., k] -> [..., k, hidden]."""
         k = expert_ids.shape[-1]
-        # Many tokens: group rows by expert so each expert's weights are read once, as one large matmul.
-        if expert_ids.size >= 64:
+        # Several tokens (a prefill chunk, a batch of sequences decoding): group rows by expert so each
+        # expert's weights are read once for all the tokens that chose it, as one larger matmul.
+        if expert_ids.size > k:
             flat_ids = expert_ids.flatten()
             order = mx.argsort(flat_ids)
             rows = x.reshape(-1, 1, x.shape[-1])[order // k]

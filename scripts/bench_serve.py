@@ -8,13 +8,20 @@ load changes during the run changes every side's figures alike.
 
     python scripts/make_tiny_checkpoint.py /tmp/tiny          # or any Qwen3 / Qwen3-MoE directory
     python scripts/bench_serve.py /tmp/tiny --prompt-tokens 512 --max-tokens 128 --repeats 5
+
+--concurrent N measures batching instead: aggregate decode speed of N streams at once against one stream
+alone, through one `qwenmlx serve --max-batch N`. --restart measures the prompt cache on disk: one long
+prompt to a fresh `qwenmlx serve`, then the same prompt again after the server was stopped and started
+on the same cache directory.
 """
 
 import argparse
+import concurrent.futures
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -52,9 +59,11 @@ def start(command: list[str], url: str) -> subprocess.Popen:
     raise SystemExit(f"{command[2]} did not start")
 
 
-def through_server(url: str, model: str, prompt: str, max_tokens: int) -> dict:
+def through_server(url: str, model: str, prompt: str, max_tokens: int, arrivals: list | None = None) -> dict:
+    """One streamed request's figures; `arrivals` (if given) gets the time of each chunk with text."""
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0)
-    start_time, arrivals, usage = time.perf_counter(), [], None
+    start_time, usage = time.perf_counter(), None
+    arrivals = [] if arrivals is None else arrivals
     for chunk in client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
                                                 max_tokens=max_tokens, temperature=0.0, stream=True,
                                                 stream_options={"include_usage": True}):
@@ -64,12 +73,68 @@ def through_server(url: str, model: str, prompt: str, max_tokens: int) -> dict:
         if delta and (delta.content or getattr(delta, "reasoning_content", None) or getattr(delta, "reasoning", None)):
             arrivals.append(time.perf_counter())
     tokens = usage.completion_tokens if usage else len(arrivals)
-    return figures(arrivals[0] - start_time, tokens, arrivals[-1] - arrivals[0])
+    cached = usage.prompt_tokens_details.cached_tokens if usage else 0
+    return figures(arrivals[0] - start_time, tokens, arrivals[-1] - arrivals[0]) | {"cached_tokens": cached}
 
 
 def figures(ttft: float, tokens: int, decode_seconds: float) -> dict:
     return {"ttft_ms": ttft * 1000, "tokens": tokens,
             "decode_tps": (tokens - 1) / decode_seconds if decode_seconds > 0 else 0.0}
+
+
+def aggregate_decode(url: str, model: str, batch: list[str], max_tokens: int) -> float:
+    """Tokens per second decoded by all the streams together, from the first first token to the last token."""
+    timelines = [[] for _ in batch]
+    with concurrent.futures.ThreadPoolExecutor(len(batch)) as pool:
+        results = list(pool.map(lambda i: through_server(url, model, batch[i], max_tokens, timelines[i]),
+                                range(len(batch))))
+    start, end = min(t[0] for t in timelines), max(t[-1] for t in timelines)
+    return sum(r["tokens"] - 1 for r in results) / (end - start)
+
+
+def concurrent_streams(model_dir: str, streams: int, prompt_tokens: int, max_tokens: int, repeats: int) -> None:
+    """Aggregate decode speed of `streams` requests at once against one alone, on one batching server."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = start([sys.executable, "-m", "qwenmlx", "serve", "-m", model_dir, "--port", str(port),
+                     "--max-batch", str(streams), "--prompt-cache-gb", "0", "--prompt-cache-disk-gb", "0"], url)
+    rows = {1: [], streams: []}
+    try:
+        texts = iter(prompts((repeats + 1) * (streams + 1), prompt_tokens))
+        for i in range(repeats + 1):
+            for n in (1, streams) if i % 2 else (streams, 1):  # who goes first changes every round
+                figure = aggregate_decode(url, model_dir, [next(texts) for _ in range(n)], max_tokens)
+                if i:  # the first round warms up
+                    rows[n].append(figure)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    print(f"{model_dir}: greedy chat requests of ~{prompt_tokens} prompt tokens, {max_tokens} generated, "
+          f"{repeats} rounds; medians\n")
+    print("| streams at once | aggregate decode (tok/s) | per stream (tok/s) |")
+    print("|---:|---:|---:|")
+    for n, figures_ in rows.items():
+        print(f"| {n} | {statistics.median(figures_):.1f} | {statistics.median(figures_) / n:.1f} |")
+
+
+def across_a_restart(model_dir: str, prompt_tokens: int, max_tokens: int) -> None:
+    """The same long prompt before and after a restart of `qwenmlx serve` on one prompt cache directory."""
+    prompt = prompts(1, prompt_tokens)[0]
+    print(f"{model_dir}: one greedy chat request of ~{prompt_tokens} prompt tokens, {max_tokens} generated\n")
+    print("| | time to first token (ms) | prompt tokens read from the cache |")
+    print("|---|---:|---:|")
+    with tempfile.TemporaryDirectory() as cache_dir:
+        for run in ("first start (empty cache)", "after a restart"):
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            process = start([sys.executable, "-m", "qwenmlx", "serve", "-m", model_dir, "--port", str(port),
+                             "--prompt-cache-dir", cache_dir], url)
+            try:
+                result = through_server(url, model_dir, prompt, max_tokens)
+            finally:
+                process.terminate()
+                process.wait(timeout=30)
+            print(f"| {run} | {result['ttft_ms']:.0f} | {result['cached_tokens']} |")
 
 
 def in_process(model, tokenizer, prompt: str, max_tokens: int) -> dict:
@@ -87,7 +152,7 @@ def serve_commands(model_dir: str) -> dict[str, tuple[str, list[str]]]:
     return {
         "qwenmlx serve": (f"http://127.0.0.1:{qwenmlx_port}", [
             sys.executable, "-m", "qwenmlx", "serve", "-m", model_dir, "--port", str(qwenmlx_port),
-            "--prompt-cache-gb", "0"]),
+            "--prompt-cache-gb", "0", "--prompt-cache-disk-gb", "0"]),
         "mlx_lm.server": (f"http://127.0.0.1:{mlx_lm_port}", [
             sys.executable, "-m", "mlx_lm.server", "--model", model_dir, "--port", str(mlx_lm_port),
             "--prompt-cache-size", "0"]),
@@ -104,7 +169,13 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5, help="Requests per side (after one warm-up).")
+    parser.add_argument("--restart", action="store_true", help="Measure the prompt cache across a restart.")
+    parser.add_argument("--concurrent", type=int, metavar="N", help="Measure N streams at once against one.")
     args = parser.parse_args()
+    if args.concurrent:
+        return concurrent_streams(args.model, args.concurrent, args.prompt_tokens, args.max_tokens, args.repeats)
+    if args.restart:
+        return across_a_restart(args.model, args.prompt_tokens, args.max_tokens)
 
     from qwenmlx.checkpoint import load
 

@@ -7,6 +7,7 @@ import torch
 
 from tests.checkpoints import MODEL_VARIANTS, write_hf_checkpoint
 from tests.qwen_tokenizer_files import write_tokenizer_files
+from tests.serving import MAX_BATCH, MAX_QUEUE, ORIGIN, running_server
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +42,11 @@ def moe_dir(checkpoint_dir) -> Path:
 def moe_dir_other_weights(tmp_path_factory) -> Path:
     """The tiny MoE checkpoint's architecture with other random weights: every safetensors header the same."""
     return write_hf_checkpoint(tmp_path_factory.mktemp("ckpt-moe-seed-1"), MODEL_VARIANTS["moe"], seed=1)
+
+
+@pytest.fixture(scope="session")
+def server(moe_dir, tmp_path_factory):
+    """One `qwenmlx serve` for every test that drives the server as a client would."""
+    with running_server(moe_dir, tmp_path_factory.mktemp("serve") / "server.log",
+                        "--cors-origin", ORIGIN, "--max-queue", str(MAX_QUEUE), "--max-batch", str(MAX_BATCH)) as server:
+        yield server

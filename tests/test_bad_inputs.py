@@ -180,6 +180,11 @@ ROWS = [
     Row("serve-kv-bits-3", ("serve", "-m", "{model}", "--kv-bits", "3"), "--kv-bits 3"),
     Row("serve-max-kv-size-within-the-sinks", ("serve", "-m", "{model}", "--max-kv-size", "4"), "--max-kv-size must exceed"),
     Row("serve-max-tokens-zero", ("serve", "-m", "{model}", "--max-tokens", "0"), "--max-tokens 0"),
+    Row("serve-max-batch-zero", ("serve", "-m", "{model}", "--max-batch", "0"), "--max-batch 0: must be at least 1"),
+    Row("serve-prompt-cache-disk-gb-negative", ("serve", "-m", "{model}", "--prompt-cache-disk-gb", "-1"),
+        "--prompt-cache-disk-gb: must be 0 or more"),
+    Row("serve-prompt-cache-dir-is-a-file", ("serve", "-m", "{model}", "--prompt-cache-dir", "{tmp}/notes.txt"),
+        "notes.txt: cannot create it", files={"notes.txt": b"my notes"}),
     # --- pull, list, rm: the Hub and the models directory ---
     Row("pull-not-a-repo-id", ("pull", "no-owner", "{tmp}/out"), "not a Hugging Face repo id"),
     Row("pull-unknown-dtype", ("pull", "Qwen/Qwen3-30B-A3B", "{tmp}/out", "--dtype", "int8"), "--dtype"),

@@ -9,109 +9,18 @@ script's next token, and everything after it (detokenizing, parsing, the API sha
 
 import asyncio
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
-from pathlib import Path
 
 import openai
 import pytest
 
 from qwenmlx.checkpoint import load
 from qwenmlx.server import Engine, LoadedModel, create_app
+from tests.serving import API_KEY, MAX_BATCH, MAX_QUEUE, ORIGIN, free_port, http, script, user, wait_until_healthy
 
-API_KEY = "test-key"
-ORIGIN = "http://ui.example"
-MAX_QUEUE = 8
 LONG = 3000  # tokens of a reply that is cancelled long before it ends
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http(url: str, data: bytes | None = None, headers: dict | None = None, method: str | None = None):
-    """(status, headers, body as JSON or text) of one plain HTTP request."""
-    request = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            status, head, body = response.status, response.headers, response.read()
-    except urllib.error.HTTPError as e:
-        status, head, body = e.code, e.headers, e.read()
-    try:
-        return status, head, json.loads(body)
-    except json.JSONDecodeError:
-        return status, head, body.decode()
-
-
-def wait_until_healthy(url: str, process: subprocess.Popen | None, log: Path | None, limit: float = 180) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            pytest.fail(f"the server exited:\n{log.read_text()}")
-        try:
-            healthy = http(f"{url}/health")[0] == 200
-        except OSError:  # not listening yet
-            healthy = False
-        if healthy:
-            return
-        time.sleep(0.2)
-    pytest.fail("the server did not become healthy")
-
-
-@dataclass
-class Server:
-    url: str
-    log: Path
-
-    def client(self, **kwargs) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0, **kwargs)
-
-    def async_client(self) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0)
-
-    def log_line(self, request_id: str) -> str:
-        lines = [line for line in self.log.read_text().splitlines() if f"{request_id}:" in line]
-        assert len(lines) == 1, self.log.read_text()
-        return lines[0]
-
-
-@pytest.fixture(scope="module")
-def server(moe_dir, tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    command = [sys.executable, "-m", "qwenmlx", "serve", "-m", str(moe_dir), "--port", str(port),
-               "--api-key", API_KEY, "--cors-origin", ORIGIN, "--max-queue", str(MAX_QUEUE)]
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "QWENMLX_TEST_HOOKS": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(url, process, log)
-        yield Server(url, log)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
-def script(reply: str = "", fail: str | None = None) -> dict:
-    """extra_headers that make the model say `reply` (or fail as if out of memory)."""
-    return {"x-qwenmlx-test-script": json.dumps({"fail": fail} if fail else {"reply": reply})}
-
-
-def user(text: str) -> list[dict]:
-    return [{"role": "user", "content": text}]
-
-
 GREEDY = dict(temperature=0.0, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
 
 WEATHER_TOOL = {"type": "function", "function": {
@@ -313,11 +222,24 @@ def test_a_client_that_gives_up_on_a_whole_answer_stops_its_generation(server):
     assert len(after) == len(before) + 1 and after[-1] < LONG
 
 
-def test_past_max_queue_waiting_requests_the_server_answers_503_with_retry_after(server):
+def test_a_request_that_arrives_while_another_decodes_joins_the_batch_and_can_finish_first(server):
     client = server.client()
     stream = client.chat.completions.create(model="m", messages=user("Keep going"), max_tokens=LONG, stream=True,
                                             extra_headers=script("on " * LONG))
-    next(stream)  # it is generating
+    first = next(c for c in stream if c.choices[0].delta.content)  # it is decoding
+    short = client.chat.completions.create(model="m", messages=user("Hi"), max_tokens=2)
+    assert short.choices[0].finish_reason in ("stop", "length")
+    assert f"{first.id}:" not in server.log.read_text()  # the long answer is still being generated
+    stream.close()
+
+
+def test_past_max_batch_decoding_and_max_queue_waiting_the_server_answers_503_with_retry_after(server):
+    client = server.client()
+    streams = [client.chat.completions.create(model="m", messages=user(f"Keep going {i}"), max_tokens=LONG,
+                                              stream=True, extra_headers=script("on " * LONG))
+               for i in range(MAX_BATCH)]
+    while http(f"{server.url}/health")[2]["running"] < MAX_BATCH:  # the batch is full
+        time.sleep(0.05)
 
     async def fill_and_overflow():
         async_client = server.async_client()
@@ -327,7 +249,8 @@ def test_past_max_queue_waiting_requests_the_server_answers_503_with_retry_after
             await asyncio.sleep(0.05)
         with pytest.raises(openai.APIStatusError) as info:
             await async_client.chat.completions.create(model="m", messages=user("One too many"), max_tokens=1)
-        stream.close()
+        for stream in streams:
+            stream.close()
         answers = await asyncio.gather(*waiting)
         return info.value, answers
 
@@ -336,8 +259,9 @@ def test_past_max_queue_waiting_requests_the_server_answers_503_with_retry_after
     assert all(a.choices[0].finish_reason for a in answers)
 
 
-def test_eight_clients_at_once_each_get_the_answer_they_get_alone(server):
-    prompts = [f"Question number {i}: what is {i} times {i}?" for i in range(8)]
+@pytest.mark.parametrize("clients", [4, 8])  # 8: twice the batch, so half of them join as others finish
+def test_clients_at_once_each_get_the_answer_they_get_alone(server, clients):
+    prompts = [f"Question number {i}: what is {i} times {i}?" for i in range(clients)]
     client = server.client()
     alone = [client.chat.completions.create(model="m", messages=user(p), max_tokens=12, **GREEDY) for p in prompts]
 

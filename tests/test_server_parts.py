@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import logging
 import time
 from types import SimpleNamespace
 
@@ -10,10 +11,12 @@ import pytest
 
 from qwenmlx.cache import KVCache, RotatingKVCache, copy_caches
 from qwenmlx.checkpoint import load
+from qwenmlx.generate import stream_generate
 from qwenmlx.server.app import with_keepalives
-from qwenmlx.server.engine import Engine, LoadedModel, Request, thinking_switch
-from qwenmlx.server.prompt_cache import PromptCache
+from qwenmlx.server.engine import Engine, LoadedModel, Request, scripted_sampler, thinking_switch
+from qwenmlx.server.prompt_cache import DiskCache, PromptCache
 from qwenmlx.server.reply import Reply, Text, ToolCall
+from qwenmlx.server.request import Finished, Started
 
 # --- the reply: reasoning, content, tool calls, stop strings ---
 
@@ -200,6 +203,61 @@ def test_no_budget_keeps_nothing():
     assert store.fetch("m", [1, 2, 3]).reused == 0
 
 
+# --- the prompt cache on disk ---
+
+
+def test_a_prompt_cache_on_disk_serves_a_new_process_the_prefix_an_old_one_stored(tmp_path):
+    PromptCache(0, DiskCache(tmp_path, 1 << 30)).store("m", [1, 2, 3, 4, 5], caches_holding([1, 2, 3, 4, 5]),
+                                                       prompt=[1, 2, 3, 4])
+    restarted = PromptCache(1 << 30, DiskCache(tmp_path, 1 << 30))  # a new process: only the files remain
+    reuse = restarted.fetch("m", [1, 2, 3, 4, 8, 9])
+    assert reuse.reused == 4 and read(reuse.caches) == [1, 2, 3, 4]
+    assert restarted.fetch("other-model", [1, 2, 3, 4, 8, 9]).reused == 0
+
+
+def test_a_truncated_a_renamed_or_a_foreign_file_is_ignored_with_a_log_line_and_never_loaded(tmp_path, caplog):
+    disk = DiskCache(tmp_path, 1 << 30)
+    for first in (1, 2, 3):
+        disk.store("m", [first, 7, 7, 7], caches_holding([first, 7, 7, 7]))
+    truncated, renamed, other = (tmp_path / DiskCache.file_name("m", [n, 7, 7, 7]) for n in (1, 2, 3))
+    truncated.write_bytes(truncated.read_bytes()[:-8])
+    renamed.rename(tmp_path / DiskCache.file_name("m", [5, 7, 7, 7]))
+    (tmp_path / "foreign.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}              ")
+    (tmp_path / "garbage.safetensors").write_bytes(b"not a safetensors file")
+    with caplog.at_level(logging.WARNING, logger="qwenmlx.server"):
+        store = PromptCache(1 << 30, DiskCache(tmp_path, 1 << 30))
+        assert store.fetch("m", [1, 7, 7, 7, 8]).reused == 0
+        assert store.fetch("m", [5, 7, 7, 7, 8]).reused == 0
+        assert store.fetch("m", [3, 7, 7, 7, 8]).reused == 4  # the intact file still serves
+    logged = caplog.text
+    for path in (truncated, tmp_path / DiskCache.file_name("m", [5, 7, 7, 7]), tmp_path / "foreign.safetensors",
+                 tmp_path / "garbage.safetensors"):
+        assert f"ignoring {path}" in logged
+    assert truncated.exists() and (tmp_path / "garbage.safetensors").exists()  # left alone, not deleted
+
+
+def test_past_the_disk_budget_the_least_recently_used_files_go_and_only_the_caches_own(tmp_path):
+    disk = DiskCache(tmp_path, 1 << 30)
+    disk.store("m", [10, 2, 3], caches_holding([10, 2, 3]))
+    size = next(iter(disk.entries.values())).nbytes
+    (tmp_path / "notes.safetensors").write_bytes(b"someone else's file")
+    disk = DiskCache(tmp_path, 2 * size + size // 2)  # room for two
+    for first in (20, 30):
+        time.sleep(0.01)  # distinct modification times
+        disk.store("m", [first, 2, 3], caches_holding([first, 2, 3]))
+    assert sorted(e.tokens[0] for e in disk.entries.values()) == [20, 30]
+    assert sorted(p.name for p in tmp_path.iterdir())[-1] == "notes.safetensors"
+    assert len(list(tmp_path.glob("*.safetensors"))) == 3
+
+
+def test_a_prompt_that_extends_one_on_disk_replaces_its_file(tmp_path):
+    disk = DiskCache(tmp_path, 1 << 30)
+    disk.store("m", [1, 2], caches_holding([1, 2]))
+    disk.store("m", [1, 2, 3, 4], caches_holding([1, 2, 3, 4]))
+    assert [e.tokens for e in disk.entries.values()] == [[1, 2, 3, 4]]
+    assert [p.name for p in tmp_path.iterdir()] == [DiskCache.file_name("m", [1, 2, 3, 4])]
+
+
 # --- SSE keep-alives ---
 
 
@@ -254,3 +312,66 @@ def test_a_reply_that_evicts_from_a_rotating_cache_leaves_an_exact_checkpoint_fo
         assert events[-1].usage.cached_tokens == len(prompt)
     finally:
         engine.stop()
+
+
+def test_past_the_thinking_budget_the_engine_closes_the_thought_as_the_clis_generation_does(moe_dir):
+    """The same model, prompt, scripted sampler and budget through the engine and through stream_generate."""
+    engine = Engine(lambda: LoadedModel(*load(moe_dir), "tiny"), name="tiny", allow_scripted=True)
+    engine.start()
+    try:
+        while engine.state == "loading":
+            time.sleep(0.01)
+        messages = [{"role": "user", "content": "Think hard."}]
+        reply = "<think>\n" + "one two three " * 20 + "\n</think>\n\nDone."
+        events, prompt = answer(engine, Request(messages=messages, max_tokens=60, thinking_budget=8,
+                                                scripted={"reply": reply}))
+    finally:
+        engine.stop()
+    model, tokenizer = load(moe_dir)  # MLX streams belong to a thread: the engine's copy stays on its own
+    script = tokenizer.encode(reply)
+    steps = list(stream_generate(model, tokenizer, prompt, max_tokens=60, thinking_budget=8,
+                                 sampler=scripted_sampler(script, min(tokenizer.eos_token_ids), None)))
+    thought = "".join(s.text for s in steps if s.thinking)
+    assert "Considering the limited time by the user" in text_of(events, "reasoning")
+    assert text_of(events, "reasoning") == thought.replace("<think>", "").replace("</think>", "").strip()
+    assert events[-1].usage.completion_tokens == len(steps)
+
+
+def test_a_long_new_prompt_is_prefilled_a_chunk_per_step_while_the_running_stream_keeps_decoding(moe_dir):
+    engine = Engine(lambda: LoadedModel(*load(moe_dir), "tiny"), name="tiny", allow_scripted=True, prefill_step=16)
+    engine.start()
+    sent = []  # (which request, event), in the order the generation thread sent them
+
+    def recorded(job, name: str):
+        send = job.send
+        job.send = lambda event: (sent.append((name, event)), send(event))
+        return job
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        running = recorded(engine.prepare(Request(messages=[{"role": "user", "content": "Go on."}], max_tokens=300,
+                                                  scripted={"reply": "on " * 300}), loop), "running")
+        engine.submit(running)
+        events = running.events()
+        while not isinstance(await anext(events), Text):  # it is decoding
+            pass
+        long_prompt = [{"role": "user", "content": "word " * 400}]
+        arriving = recorded(engine.prepare(Request(messages=long_prompt, max_tokens=2), loop), "arriving")
+        engine.submit(arriving)
+        async for event in arriving.events():
+            if isinstance(event, Finished):
+                break
+        running.cancel()
+        async for _ in events:
+            pass
+
+    try:
+        while engine.state == "loading":
+            time.sleep(0.01)
+        asyncio.run(run())
+    finally:
+        engine.stop()
+    names = [name for name, _ in sent]
+    started = names.index("arriving")  # its Started: taken into the batch, its prefill begins
+    first_token = next(i for i, (name, e) in enumerate(sent) if name == "arriving" and not isinstance(e, Started))
+    assert names[started:first_token].count("running") >= 400 // 16 - 1  # a decode step after every chunk

@@ -10,6 +10,8 @@ import json
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -20,8 +22,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import openai
-from .engine import Engine, Failed, Job, Request, RequestError, Unavailable
+from . import anthropic, openai, responses
+from .engine import Engine, Job, Unavailable
+from .request import Failed, Request, RequestError
 
 log = logging.getLogger("qwenmlx.server")
 
@@ -37,36 +40,43 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+def error_response(path: str, status: int, message: str, param: str | None = None, code: str | None = None,
                    headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(openai.error_body(status, message, param, code), status_code=status, headers=headers)
+    """An error in the shape of the API the path belongs to (Anthropic's under /v1/messages, else OpenAI's)."""
+    if path.startswith(anthropic.PATH):
+        body = anthropic.error_body(status, message)
+    else:
+        body = openai.error_body(status, message, param, code)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
-class BearerAuth:
-    """Every path but /health needs `Authorization: Bearer KEY`."""
+class KeyAuth:
+    """Every path but /health needs the key, as `Authorization: Bearer KEY` (OpenAI) or `x-api-key: KEY` (Anthropic)."""
 
     def __init__(self, app: ASGIApp, api_key: str):
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
+        self.app, self.key = app, api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] != "/health":
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not secrets.compare_digest(given, self.expected):
-                response = error_response(401, "missing or wrong API key (send Authorization: Bearer KEY)",
-                                          code="invalid_api_key")
+            headers = dict(scope["headers"])
+            bearer = headers.get(b"authorization", b"").removeprefix(b"Bearer ")
+            if not any(secrets.compare_digest(given, self.key) for given in (bearer, headers.get(b"x-api-key", b""))):
+                response = error_response(scope["path"], 401, "missing or wrong API key (send Authorization: Bearer "
+                                          "KEY or x-api-key: KEY)", code="invalid_api_key")
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
 
 
-async def with_keepalives(frames: AsyncIterator[str], seconds: float) -> AsyncIterator[str]:
-    """The frames, with an SSE comment whenever none came for `seconds` (a long prefill, a queue)."""
+async def with_keepalives(frames: AsyncIterator[str], seconds: float,
+                          keepalive: str = ": keep-alive\n\n") -> AsyncIterator[str]:
+    """The frames, with a keep-alive frame whenever none came for `seconds` (a long prefill, a queue)."""
     frames = aiter(frames)
     next_frame = asyncio.ensure_future(anext(frames))
     try:
         while True:
             done, _ = await asyncio.wait({next_frame}, timeout=seconds)
             if not done:
-                yield ": keep-alive\n\n"
+                yield keepalive
                 continue
             try:
                 frame = next_frame.result()
@@ -81,8 +91,8 @@ async def with_keepalives(frames: AsyncIterator[str], seconds: float) -> AsyncIt
 class EventStream(StreamingResponse):
     """An SSE response that cancels its job however it ends (finished, client gone, server stopping)."""
 
-    def __init__(self, job: Job, frames: AsyncIterator[str], keepalive_seconds: float):
-        super().__init__(with_keepalives(frames, keepalive_seconds), media_type="text/event-stream",
+    def __init__(self, job: Job, frames: AsyncIterator[str], keepalive_seconds: float, keepalive: str):
+        super().__init__(with_keepalives(frames, keepalive_seconds, keepalive), media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.job = job
 
@@ -109,13 +119,26 @@ async def json_body(http: HTTPRequest) -> dict:
     return body
 
 
+@dataclass
+class Face:
+    """How one endpoint answers: its whole response, its stream, and the keep-alive frame its clients expect."""
+
+    respond: Callable[[Any, list], dict]
+    stream: Callable[[Any, AsyncIterator], AsyncIterator[str]]
+    keepalive: str = ": keep-alive\n\n"
+
+
+CHAT = Face(openai.chat_response, openai.chat_stream)
+COMPLETION = Face(openai.completion_response, openai.completion_stream)
+MESSAGES = Face(anthropic.message_response, anthropic.message_stream, anthropic.PING)
+RESPONSES = Face(responses.response_body, responses.response_stream)
+
+
 def create_app(engine: Engine, *, api_key: str | None = None, cors_origin: str | None = None,
                keepalive_seconds: float = KEEPALIVE_SECONDS) -> Starlette:
-    """The OpenAI-compatible app over an engine (started or not: /health says 503 until it is ready)."""
+    """The app over an engine (started or not: /health says 503 until it is ready)."""
 
-    async def run(http: HTTPRequest, request: Request, call: openai.Call,
-                  stream: Callable[[openai.Call, AsyncIterator], AsyncIterator[str]],
-                  respond: Callable[[openai.Call, list], dict]) -> Response:
+    async def run(http: HTTPRequest, request: Request, call: Any, face: Face) -> Response:
         script = http.headers.get(TEST_HOOK_HEADER)
         if script and engine.allow_scripted:
             request.scripted = json.loads(script)  # the tests' own header
@@ -128,7 +151,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, cors_origin: str |
         except Unavailable as e:
             raise ApiError(503, e.message, code=e.code, headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
         if call.stream:
-            return EventStream(job, stream(call, job.events()), keepalive_seconds)
+            return EventStream(job, face.stream(call, job.events()), keepalive_seconds, face.keepalive)
         try:
             collected = asyncio.ensure_future(collect(job))
             gone = asyncio.ensure_future(disconnected(http))
@@ -142,14 +165,14 @@ def create_app(engine: Engine, *, api_key: str | None = None, cors_origin: str |
             job.cancel()
         if isinstance(events[-1], Failed):
             raise ApiError(events[-1].status, events[-1].message)
-        return JSONResponse(respond(call, events))
+        return JSONResponse(face.respond(call, events))
 
     async def collect(job: Job) -> list:
         return [event async for event in job.events()]
 
     async def health(http: HTTPRequest) -> Response:
         body = {"status": "ok" if engine.state == "ready" else engine.state, "model": engine.name,
-                "waiting": engine.waiting, "running": engine.running is not None}
+                "waiting": engine.waiting, "running": len(engine.running)}
         return JSONResponse(body, status_code=200 if engine.state == "ready" else 503)
 
     async def models(http: HTTPRequest) -> Response:
@@ -158,36 +181,55 @@ def create_app(engine: Engine, *, api_key: str | None = None, cors_origin: str |
 
     async def chat_completions(http: HTTPRequest) -> Response:
         request, call = openai.chat_request(await json_body(http), engine.name)
-        return await run(http, request, call, openai.chat_stream, openai.chat_response)
+        return await run(http, request, call, CHAT)
 
     async def completions(http: HTTPRequest) -> Response:
         request, call = openai.completion_request(await json_body(http), engine.name)
-        return await run(http, request, call, openai.completion_stream, openai.completion_response)
+        return await run(http, request, call, COMPLETION)
+
+    async def messages(http: HTTPRequest) -> Response:
+        request, call = anthropic.message_request(await json_body(http), engine.name)
+        return await run(http, request, call, MESSAGES)
+
+    async def count_tokens(http: HTTPRequest) -> Response:
+        request = anthropic.count_tokens_request(await json_body(http))
+        try:
+            prompt, _ = await asyncio.to_thread(engine.render, request)
+        except Unavailable as e:
+            raise ApiError(503, e.message, code=e.code, headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+        return JSONResponse({"input_tokens": len(prompt)})
+
+    async def responses_(http: HTTPRequest) -> Response:
+        request, call = responses.response_request(await json_body(http), engine.name)
+        return await run(http, request, call, RESPONSES)
 
     async def api_error(http: HTTPRequest, e: ApiError) -> Response:
-        return error_response(e.status, e.message, e.param, e.code, e.headers)
+        return error_response(http.url.path, e.status, e.message, e.param, e.code, e.headers)
 
     async def request_error(http: HTTPRequest, e: RequestError) -> Response:
-        return error_response(400, e.message, e.param, e.code)
+        return error_response(http.url.path, 400, e.message, e.param, e.code)
 
     async def http_error(http: HTTPRequest, e: HTTPException) -> Response:
-        return error_response(e.status_code, f"{http.method} {http.url.path}: {e.detail}")
+        return error_response(http.url.path, e.status_code, f"{http.method} {http.url.path}: {e.detail}")
 
     async def server_error(http: HTTPRequest, e: Exception) -> Response:
         log.exception("unexpected error")
-        return error_response(500, f"internal error: {type(e).__name__}: {e}")
+        return error_response(http.url.path, 500, f"internal error: {type(e).__name__}: {e}")
 
     middleware = []
     if cors_origin:
         middleware.append(Middleware(CORSMiddleware, allow_origins=[cors_origin], allow_methods=["*"],
                                      allow_headers=["*"]))
     if api_key:
-        middleware.append(Middleware(BearerAuth, api_key=api_key))
+        middleware.append(Middleware(KeyAuth, api_key=api_key))
     routes = [
         Route("/health", health),
         Route("/v1/models", models),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
+        Route(anthropic.PATH, messages, methods=["POST"]),
+        Route(f"{anthropic.PATH}/count_tokens", count_tokens, methods=["POST"]),
+        Route("/v1/responses", responses_, methods=["POST"]),
     ]
     handlers = {ApiError: api_error, RequestError: request_error, HTTPException: http_error, Exception: server_error}
     return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)

@@ -1,11 +1,11 @@
-"""The one generation thread: it owns MLX, takes requests in arrival order from a bounded queue, reuses
-KV caches across requests, and sends each request's events back to the asyncio side.
+"""The one generation thread: it owns MLX, takes requests in arrival order from a bounded queue, decodes
+the concurrent ones as one batch, reuses KV caches across requests, and sends each request's events
+back to the asyncio side.
 
-Every API module turns its request shape into a `Request` and reads the events back out: `Text`
-and `ToolCall` pieces (see reply.py), then `Finished` or `Failed`. Nothing here knows HTTP or any
-API's format. A request is checked and rendered on the caller's side (`prepare`), so a bad one is
-refused before it queues; a client that goes away cancels its job, which stops within one decode
-step (or one prefill chunk).
+Every API module turns its request shape into a `Request` and reads the events back out (see
+request.py). Nothing here knows HTTP or any API's format. A request is checked and rendered on the
+caller's side (`prepare`), so a bad one is refused before it queues; a client that goes away cancels
+its job, which stops within one decode step (or one prefill chunk).
 """
 
 import asyncio
@@ -15,65 +15,20 @@ import threading
 import time
 import traceback
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import mlx.core as mx
 
+from ..batch import decode_step
 from ..cache import KVCache, RotatingKVCache, copy_caches, make_cache
 from ..errors import QwenMLXError
-from ..generate import default_sampling, stream_generate
-from .prompt_cache import PromptCache
+from ..generate import THINKING_BUDGET_TEXT, Thought, default_sampling, make_sampler, prefill_step_for
+from .prompt_cache import DiskCache, PromptCache
 from .reply import Reply, Text
+from .request import Failed, Finished, Request, RequestError, Started, Usage
 
 log = logging.getLogger("qwenmlx.server")
-
-
-@dataclass
-class Request:
-    """One generation, whichever API it came through."""
-
-    id: str = ""  # the API's id for it, in the server log
-    messages: list[dict] | None = None  # a chat, in the template's shape (role, content, tool_calls, ...)
-    prompt: str | None = None  # or raw text, used as it is
-    tools: list[dict] | None = None
-    thinking: bool | None = None  # None: the conversation's last /think or /no_think, else on
-    max_tokens: int | None = None  # None: until the model stops, within the context
-    sampling: dict = field(default_factory=dict)  # temperature, top_p, ...; None: the mode's default
-    stop: list[str] = field(default_factory=list)
-    thinking_budget: int | None = None
-    top_logprobs: int | None = None  # None: no logprobs; n: the chosen token's and the n likeliest
-    scripted: dict | None = None  # test hook ({"reply": text} or {"fail": message}); set only where allowed
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-
-@dataclass
-class Finished:
-    reason: str  # "stop", "length", "tool_calls", or "cancelled" (nobody is listening then)
-    usage: Usage
-
-
-@dataclass
-class Failed:
-    status: int
-    message: str
-
-
-class RequestError(Exception):
-    """The request cannot be served as it is (HTTP 400); param names the field."""
-
-    def __init__(self, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.message, self.param, self.code = message, param, code
 
 
 class Unavailable(Exception):
@@ -82,10 +37,6 @@ class Unavailable(Exception):
     def __init__(self, message: str, code: str):
         super().__init__(message)
         self.message, self.code = message, code
-
-
-class Cancelled(Exception):
-    pass
 
 
 @dataclass
@@ -140,7 +91,7 @@ class Job:
             self.cancel()
 
     async def events(self) -> AsyncIterator:
-        """Text and ToolCall pieces, then Finished or Failed."""
+        """Started, Text and ToolCall pieces, then Finished or Failed (alone when it fails before it starts)."""
         while True:
             event = await self._events.get()
             yield event
@@ -149,16 +100,22 @@ class Job:
 
 
 class Engine:
-    """Loads the model on its own thread, then generates for one job at a time in arrival order.
+    """Loads the model on its own thread, then decodes up to max_batch jobs together, taken in arrival order.
 
+    A job that arrives while others decode joins the batch at the next step; its prompt is prefilled a
+    bounded chunk per step, between the batch's decode steps, so a long prompt does not stall the others.
     Loading happens on the generation thread too: MLX streams belong to the thread that made them.
     """
 
     def __init__(self, load: Callable[[], LoadedModel], *, name: str, max_kv_size: int | None = None,
                  kv_bits: int | None = None, prompt_cache_bytes: int = 2 << 30, max_tokens: int | None = None,
-                 max_queue: int = 16, prefill_step: int | None = None, allow_scripted: bool = False):
+                 max_queue: int = 16, max_batch: int = 8, prefill_step: int | None = None,
+                 allow_scripted: bool = False,
+                 prompt_cache_dir: str | Path | None = None, prompt_cache_disk_bytes: int = 0):
         if max_queue < 0:
             raise QwenMLXError(f"--max-queue {max_queue}: must be 0 or more")
+        if max_batch < 1:
+            raise QwenMLXError(f"--max-batch {max_batch}: must be at least 1")
         if prompt_cache_bytes < 0:
             raise QwenMLXError("--prompt-cache-gb: must be 0 or more")
         if max_tokens is not None and max_tokens < 1:
@@ -170,14 +127,16 @@ class Engine:
         self.name = name
         self._load = load
         self.max_kv_size, self.kv_bits, self.prefill_step = max_kv_size, kv_bits, prefill_step
-        self.max_tokens, self.max_queue, self.allow_scripted = max_tokens, max_queue, allow_scripted
-        self.prompt_cache = PromptCache(prompt_cache_bytes)
+        self.max_tokens, self.max_queue, self.max_batch = max_tokens, max_queue, max_batch
+        self.allow_scripted = allow_scripted
+        disk = DiskCache(prompt_cache_dir, prompt_cache_disk_bytes) if prompt_cache_dir is not None else None
+        self.prompt_cache = PromptCache(prompt_cache_bytes, disk)
         self.state = "loading"  # then "ready", or "failed" with load_error
         self.load_error: Exception | None = None
         self.model = self.tokenizer = None
         self.namespace = ""
         self.waiting = 0
-        self.running: Job | None = None
+        self.running: list[Sequence] = []  # the batch, in arrival order
         self._queue: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="qwenmlx-generation", daemon=True)
@@ -196,20 +155,27 @@ class Engine:
 
     # The caller's side.
 
-    def prepare(self, request: Request, loop: asyncio.AbstractEventLoop) -> Job:
-        """Check and render a request; RequestError says what is wrong with it."""
+    def render(self, request: Request) -> tuple[list[int], bool]:
+        """The request's prompt as token ids, and whether the model will think; RequestError if it cannot be."""
         if self.state != "ready":
             raise Unavailable("the model is still loading" if self.state == "loading" else "the model failed to load",
                               "model_not_ready")
         tokenizer, param = self.tokenizer, "messages" if request.messages is not None else "prompt"
         try:
-            if request.messages is not None:
-                thinking = thinking_switch(request.messages) if request.thinking is None else request.thinking
-                prompt = tokenizer.apply_chat_template(request.messages, enable_thinking=thinking,
-                                                       tools=request.tools or None, tokenize=True)
-            else:
-                thinking, prompt = False, tokenizer.encode(request.prompt)
-            sampling = default_sampling(thinking, tokenizer.generation_config, **request.sampling)
+            if request.messages is None:
+                return tokenizer.encode(request.prompt), False
+            thinking = thinking_switch(request.messages) if request.thinking is None else request.thinking
+            return tokenizer.apply_chat_template(request.messages, enable_thinking=thinking,
+                                                 tools=request.tools or None, tokenize=True), thinking
+        except QwenMLXError as e:
+            raise RequestError(str(e), param) from None
+
+    def prepare(self, request: Request, loop: asyncio.AbstractEventLoop) -> Job:
+        """Check and render a request; RequestError says what is wrong with it."""
+        prompt, thinking = self.render(request)
+        param = "messages" if request.messages is not None else "prompt"
+        try:
+            sampling = default_sampling(thinking, self.tokenizer.generation_config, **request.sampling)
         except QwenMLXError as e:
             raise RequestError(str(e), param) from None
         if not prompt:
@@ -241,89 +207,106 @@ class Engine:
             return
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.namespace = f"{loaded.key}|max_kv_size={self.max_kv_size}|kv_bits={self.kv_bits}"
+        self.budget_tokens = self.tokenizer.encode(THINKING_BUDGET_TEXT)
         self.state = "ready"
         self._on_ready()
-        while (job := self._queue.get()) is not None:
+        while self._admit():
+            self._step()
+
+    def _admit(self) -> bool:
+        """Move waiting jobs into the batch while it has room (waiting for one when it is empty); False: stop."""
+        while len(self.running) < self.max_batch:
+            try:
+                job = self._queue.get(block=not self.running)
+            except queue.Empty:
+                break
+            if job is None:
+                return False
             with self._lock:
                 self.waiting -= 1
-                self.running = job
-            try:
-                self._serve(job)
-            finally:
-                self.running = None
+            if job.cancelled.is_set():
+                log.info("%s: cancelled while waiting", job.request.id)
+                continue
+            self._guarded([job], lambda job=job: self.running.append(Sequence(self, job)))
+        return True
 
-    def _serve(self, job: Job) -> None:
-        if job.cancelled.is_set():
-            return log.info("%s: cancelled while waiting", job.request.id)
+    def _step(self) -> None:
+        """One chunk of one prompt's prefill, then one decode step for every sequence past its prefill."""
+        for sequence in [s for s in self.running if s.job.cancelled.is_set()]:
+            self._finish(sequence, "cancelled")
+        prefilling = [s for s in self.running if s.to_prefill]
+        if prefilling:
+            self._guarded([prefilling[0].job], prefilling[0].prefill_chunk)
+        decoding = [s for s in self.running if not s.to_prefill]
+        if decoding:
+            self._guarded([s.job for s in decoding], lambda: self._decode(decoding))
+
+    def _decode(self, decoding: list["Sequence"]) -> None:
+        """One decode step for the batch: feed each sequence the token it sampled last step and sample the next
+        (in one forward pass; forced thinking-budget text alone), and, while that computes, read and send the
+        tokens sampled last step, as stream_generate overlaps the model with its caller."""
+        fed = [s for s in decoding if not s.forced and not s.pending_is_last]
+        alone = [s for s in decoding if s.forced]
+        rows = []
+        if fed:
+            inputs = mx.concatenate([s.input_token() for s in fed])
+            rows = list(decode_step(self.model, inputs, [s.caches for s in fed]))
+            for sequence in fed:
+                sequence.checkpoint_prompt()
+        rows += [s.feed_forced() for s in alone]
+        sampled = {}
+        for sequence, logits in zip(fed + alone, rows):
+            sampled[sequence] = self._guarded([sequence.job], lambda s=sequence, row=logits: s.sample(row[None]))
+        mx.async_eval([pair[0] for pair in sampled.values() if pair is not None])
+        for sequence in decoding:
+            if sequence.pending is not None:
+                reason = self._guarded([sequence.job], sequence.accept)
+                if reason:
+                    self._finish(sequence, reason)
+            if sequence in self.running and not sequence.forced:
+                sequence.pending = sampled.get(sequence)
+
+    def _guarded(self, jobs: list[Job], work: Callable):
+        """work(), or, if it fails, those jobs failed (the server keeps serving the others)."""
         try:
-            self._generate(job)
-        except Cancelled:
-            log.info("%s: cancelled during prefill", job.request.id)
+            return work()
         except (MemoryError, RuntimeError) as e:  # MLX reports a failed allocation as RuntimeError
-            log.error("%s failed: %s", job.request.id, e)
-            self.prompt_cache.clear()
-            mx.clear_cache()
             out_of_memory = isinstance(e, MemoryError) or any(w in str(e).lower() for w in ("memory", "alloc"))
             message = f"out of memory: {e}" if out_of_memory else f"internal error: {e}"
-            job.send(Failed(500, message))
+            for job in jobs:
+                log.error("%s failed: %s", job.request.id, e)
+            self.prompt_cache.clear()
+            mx.clear_cache()
         except Exception as e:
-            log.error("%s failed:\n%s", job.request.id, traceback.format_exc())
-            job.send(Failed(500, f"internal error: {type(e).__name__}: {e}"))
+            message = f"internal error: {type(e).__name__}: {e}"
+            for job in jobs:
+                log.error("%s failed:\n%s", job.request.id, traceback.format_exc())
+        for job in jobs:
+            job.send(Failed(500, message))
+            self.running = [s for s in self.running if s.job is not job]
+        return None
 
-    def _generate(self, job: Job) -> None:
-        request, prompt = job.request, job.prompt
-        reuse = self.prompt_cache.fetch(self.namespace, prompt)
-        caches = reuse.caches or make_cache(self.model, self.max_kv_size, self.kv_bits)
-        # A rotating cache may evict during the reply: then the prompt's checkpoint must be copied before it.
-        early_checkpoint = self.max_kv_size is not None and len(prompt) + job.max_tokens > self.max_kv_size
-        checkpoint = None
-        reply = Reply(self.tokenizer, prompt, chat=job.chat, tools=bool(request.tools), stop=request.stop)
-        logprobs = [] if request.top_logprobs is not None else None
-        sampler = None
-        if request.scripted:
-            scripted = self.tokenizer.encode(request.scripted.get("reply", ""))
-            sampler = scripted_sampler(scripted, min(self.tokenizer.eos_token_ids), request.scripted.get("fail"))
-
-        def on_prefill_progress(done: int, total: int) -> None:
-            if job.cancelled.is_set():
-                raise Cancelled
-
-        steps = stream_generate(self.model, self.tokenizer, prompt[reuse.reused:], cache=caches, sampling=job.sampling,
-                                max_tokens=job.max_tokens, thinking_budget=request.thinking_budget,
-                                prefill_step=self.prefill_step, on_prefill_progress=on_prefill_progress,
-                                sampler=sampler, logprobs=logprobs)
-        generated, pending_logprobs, stats, reason = [], [], None, "cancelled"
-        start = time.perf_counter()
-        try:
-            for step in steps:
-                if early_checkpoint and checkpoint is None:  # the caches hold the prompt and this token
-                    checkpoint = copy_caches(caches)
-                    for c in checkpoint:
-                        c.trim(1)
-                generated.append(step.token)
-                stats = step.stats
-                pieces = reply.feed(step.token, step.text)
-                if logprobs is not None and logprobs[-1] is not None and not reply.in_thought:
-                    pending_logprobs.append(self._token_logprobs(step.token, logprobs[-1], request.top_logprobs))
-                for piece in pieces:
-                    if isinstance(piece, Text) and piece.kind == "content":
-                        piece.logprobs, pending_logprobs = pending_logprobs, []
-                    job.send(piece)
-                if reply.stopped or job.cancelled.is_set():
-                    break
-            if not job.cancelled.is_set():
-                for piece in reply.finish():
-                    job.send(piece)
-                reason = "stop" if reply.stopped else ("tool_calls" if reply.n_tool_calls else stats.finish_reason)
-        finally:
-            steps.close()  # the caches now hold the prompt and all but the last generated token
-        held = (prompt + generated)[: caches[0].offset + caches[0].evicted]
-        self.prompt_cache.store(self.namespace, held, caches, prompt, checkpoint)
-        seconds = time.perf_counter() - start
+    def _finish(self, sequence: "Sequence", reason: str) -> None:
+        self.running.remove(sequence)
+        job, prompt, caches = sequence.job, sequence.job.prompt, sequence.caches
+        if reason != "cancelled":
+            for piece in sequence.reply.finish():
+                job.send(piece)
+        held = (prompt + sequence.generated)[: caches[0].offset + caches[0].evicted]
+        if sequence.generated:  # the caches hold the prompt and the generated tokens they were fed
+            self.prompt_cache.store(self.namespace, held, caches, prompt, sequence.checkpoint)
+        reply, generated = sequence.reply, len(sequence.generated)
+        if reason != "cancelled":
+            reason = "stop" if reply.stopped else ("tool_calls" if reply.n_tool_calls else reason)
+        decode_seconds = time.perf_counter() - (sequence.first_token_at or time.perf_counter())
         log.info("%s: %s, %d prompt tokens (%d cached), %d generated, %.2f s to the first token, "
-                 "%.1f tok/s, %.2f s", request.id, reason, len(prompt), reuse.reused, len(generated),
-                 stats.prefill_seconds if stats else 0, stats.decode_tps if stats else 0, seconds)
-        job.send(Finished(reason, Usage(len(prompt), len(generated), reuse.reused)))
+                 "%.1f tok/s, %.2f s", job.request.id,
+                 "cancelled during prefill" if reason == "cancelled" and sequence.to_prefill else reason,
+                 len(prompt), sequence.reused, generated,
+                 (sequence.first_token_at or sequence.started_at) - sequence.started_at,
+                 (generated - 1) / decode_seconds if generated > 1 and decode_seconds else 0,
+                 time.perf_counter() - sequence.started_at)
+        job.send(Finished(reason, Usage(len(prompt), generated, sequence.reused), reply.stop_sequence))
 
     def _token_logprobs(self, token: int, logprobs: mx.array, top: int) -> dict:
         """The chosen token's log-probability and the `top` likeliest alternatives, as text."""
@@ -335,3 +318,120 @@ class Engine:
             order = mx.argsort(-values)
             alternatives = [(decode([i]), v) for i, v in zip(ids[order].tolist(), values[order].tolist())]
         return {"token": decode([token]), "logprob": logprobs[token].item(), "top": alternatives}
+
+
+class Sequence:
+    """One job in the batch: its caches, what is left of its prompt to prefill, its sampler, reply and stops.
+
+    Each decode step feeds a sequence the token it sampled the step before (first, the prompt's last
+    token), samples the next (`pending`, not read yet), then reads and sends the one it fed. So its
+    caches hold the prompt and every token sent, and the last one sampled is fed only if it is needed.
+    """
+
+    def __init__(self, engine: Engine, job: Job):
+        self.engine, self.job = engine, job
+        self.started_at, self.first_token_at = time.perf_counter(), None
+        model, tokenizer, request, prompt = engine.model, engine.tokenizer, job.request, job.prompt
+        reuse = engine.prompt_cache.fetch(engine.namespace, prompt)
+        job.send(Started(len(prompt), reuse.reused))
+        self.reused = reuse.reused
+        self.caches = reuse.caches or make_cache(model, engine.max_kv_size, engine.kv_bits)
+        self.to_prefill = prompt[reuse.reused : -1]
+        self.pending: tuple[mx.array, mx.array | None] | None = None  # sampled token and its logprobs, unread
+        self.forced: list[int] = []  # thinking-budget text to feed before the next token is sampled
+        # A rotating cache may evict during the reply: then the prompt's checkpoint must be copied before it.
+        self.early_checkpoint = engine.max_kv_size is not None and len(prompt) + job.max_tokens > engine.max_kv_size
+        self.checkpoint = None
+        self.reply = Reply(tokenizer, prompt, chat=job.chat, tools=bool(request.tools), stop=request.stop)
+        self.detokenizer = tokenizer.detokenizer()
+        self.thought = Thought(tokenizer.think_start_id, tokenizer.think_end_id, prompt)
+        self.generated: list[int] = []
+        self.pending_logprobs: list[dict] = []
+        if request.scripted:
+            scripted = tokenizer.encode(request.scripted.get("reply", ""))
+            self.sampler = scripted_sampler(scripted, min(tokenizer.eos_token_ids), request.scripted.get("fail"))
+        else:
+            self.sampler = make_sampler(job.sampling)
+        self.use_counts = job.sampling.presence_penalty != 0 or job.sampling.repetition_penalty != 1.0
+        self.counts = mx.zeros((model.config.vocab_size,), mx.int32)
+
+    @property
+    def pending_is_last(self) -> bool:
+        """The pending token will be the last one (max_tokens): nothing comes after it, so it is not fed."""
+        return self.pending is not None and len(self.generated) + 1 >= self.job.max_tokens
+
+    def prefill_chunk(self) -> None:
+        """Run the next bounded chunk of the prompt into the caches."""
+        engine, caches = self.engine, self.caches
+        step = engine.prefill_step or prefill_step_for(engine.model, caches[0].offset + len(self.to_prefill))
+        chunk, self.to_prefill = self.to_prefill[:step], self.to_prefill[step:]
+        engine.model(mx.array(chunk)[None], caches)
+        mx.eval([c.state for c in caches])
+        mx.clear_cache()
+
+    def input_token(self) -> mx.array:
+        """What this step feeds: the pending token (counted for the penalties), or first the prompt's last token."""
+        if self.pending is None:
+            return mx.array(self.job.prompt[-1:])
+        token = self.pending[0]
+        if self.use_counts:
+            self.counts = self.counts.at[token].add(1)
+        return token
+
+    def checkpoint_prompt(self) -> None:
+        """After the first step the caches hold exactly the prompt: keep a copy if the reply may evict it."""
+        if self.early_checkpoint and self.checkpoint is None:
+            self.checkpoint = copy_caches(self.caches)
+
+    def feed_forced(self) -> mx.array:
+        """The logits after the forced thinking-budget text, fed alone (it is several tokens)."""
+        tokens, self.forced = self.forced, []
+        if self.use_counts:
+            self.counts = self.counts.at[mx.array(tokens)].add(1)
+        return self.engine.model(mx.array(tokens)[None], self.caches)[0, -1]
+
+    def sample(self, logits: mx.array) -> tuple[mx.array, mx.array | None]:
+        """The next token (unevaluated) and, when asked for, the log-probabilities it was drawn from."""
+        logprobs = None
+        if self.job.request.top_logprobs is not None:
+            logprobs = (logits - mx.logsumexp(logits, axis=-1, keepdims=True))[0]
+        return self.sampler(logits, self.counts), logprobs
+
+    def accept(self) -> str | None:
+        """Read the pending token and send it (and, past the thinking budget, the text that closes the thought);
+        say why the sequence ends here ("stop" or "length"), if it does."""
+        (token, logprobs), self.pending = self.pending, None
+        token = token.item()
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        if self._take(token, logprobs):
+            return self._end_reason(token)
+        budget = self.job.request.thinking_budget
+        if budget is not None and self.thought.inside and self.thought.length >= budget:
+            for forced in self.engine.budget_tokens:  # generated, though not sampled
+                if self._take(forced, None):
+                    return self._end_reason(forced)
+                self.forced.append(forced)
+        return None
+
+    def _take(self, token: int, logprobs: mx.array | None) -> bool:
+        """Send one generated token's text; True when generation must end after it."""
+        engine, request, tokenizer = self.engine, self.job.request, self.engine.tokenizer
+        self.generated.append(token)
+        self.thought.update(token)
+        eos = token in tokenizer.eos_token_ids
+        last = eos or len(self.generated) >= self.job.max_tokens
+        text = "" if eos else self.detokenizer.add_token(token)
+        if last:
+            text += self.detokenizer.finalize()
+        pieces = self.reply.feed(token, text)
+        if logprobs is not None and not self.reply.in_thought:
+            self.pending_logprobs.append(engine._token_logprobs(token, logprobs, request.top_logprobs))
+        for piece in pieces:
+            if isinstance(piece, Text) and piece.kind == "content":
+                piece.logprobs, self.pending_logprobs = self.pending_logprobs, []
+            self.job.send(piece)
+        return last or self.reply.stopped
+
+    def _end_reason(self, token: int) -> str:
+        return "stop" if token in self.engine.tokenizer.eos_token_ids or self.reply.stopped else "length"

@@ -5,17 +5,18 @@ or the other), never inside `content`. Tool calls go out as `tool_calls` with fi
 "tool_calls". Streams are server-sent events: `data: {json}` per chunk, then `data: [DONE]`.
 """
 
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from .engine import Failed, Finished, Request, RequestError, Usage
+from . import request
 from .reply import Text, ToolCall
+from .request import Failed, Finished, Request, RequestError, Usage, content_text, parse
+from .sse import sse
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 500: "server_error", 503: "server_error"}
@@ -103,22 +104,8 @@ class CompletionRequest(Common):
     logprobs: int | None = Field(None, ge=0, le=20)
 
 
-def parse(model: type[BaseModel], body: dict) -> Any:
-    try:
-        return model.model_validate(body)
-    except ValidationError as e:
-        error = e.errors()[0]
-        param = ".".join(str(part) for part in error["loc"]) or None
-        raise RequestError(f"{param}: {error['msg']}" if param else error["msg"], param) from None
-
-
 @dataclass
-class Call:
-    """What the response needs to know about the request besides the engine's events."""
-
-    id: str
-    model: str
-    stream: bool
+class Call(request.Call):
     include_usage: bool
     logprobs: bool
 
@@ -132,18 +119,10 @@ def common_request(id: str, body: Common, **fields) -> Request:
     return Request(id=id, sampling=sampling, stop=stop, thinking_budget=body.thinking_budget, **fields)
 
 
-def message_text(content: str | list[ContentPart] | None, param: str) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    if any(part.type != "text" for part in content):
-        raise RequestError("only text content is supported", param)
-    return "".join(part.text or "" for part in content)
-
-
 def template_message(message: Message, index: int) -> dict:
     """A message in the shape Qwen3's chat template reads."""
     role = "system" if message.role == "developer" else message.role
-    rendered = {"role": role, "content": message_text(message.content, f"messages.{index}.content")}
+    rendered = {"role": role, "content": content_text(message.content, f"messages.{index}.content")}
     if message.role == "assistant":
         if message.tool_calls:
             rendered["tool_calls"] = [call.model_dump(exclude_none=True) for call in message.tool_calls]
@@ -245,10 +224,6 @@ def completion_response(call: Call, events: list) -> dict:
             "choices": [{"index": 0, "text": "".join(e.text for e in texts), "logprobs": logprobs,
                          "finish_reason": finished.reason}],
             "usage": usage_body(finished.usage)}
-
-
-def sse(data: dict | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
 async def chat_stream(call: Call, events: AsyncIterator) -> AsyncIterator[str]:

@@ -50,14 +50,14 @@ class StopStrings:
     def __init__(self, stops: Iterable[str]):
         self.stops = [s for s in stops if s]
         self.pending = ""
-        self.hit = False
+        self.hit: str | None = None  # the stop string found
 
     def feed(self, text: str) -> str:
         self.pending += text
-        found = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        found = [(i, s) for i, s in ((self.pending.find(s), s) for s in self.stops) if i >= 0]
         if found:
-            self.hit = True
-            released, self.pending = self.pending[: min(found)], ""
+            at, self.hit = min(found)
+            released, self.pending = self.pending[:at], ""
             return released
         keep = partial_marker_length(self.pending, self.stops)
         released = self.pending[: len(self.pending) - keep]
@@ -163,6 +163,10 @@ class Reply:
     @property
     def stopped(self) -> bool:
         """A stop string was found: generation should end."""
+        return self.stops.hit is not None
+
+    @property
+    def stop_sequence(self) -> str | None:
         return self.stops.hit
 
     @property
