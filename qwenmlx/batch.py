@@ -28,10 +28,16 @@ class BatchCache:
 
     def attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float, rope,
                cores: Cores = NO_CORES) -> mx.array:
-        rows = [cache.attend(queries[i : i + 1], keys[i : i + 1], values[i : i + 1], scale, rope, cores)
-                for i, cache in enumerate(self.caches)]
-        return mx.concatenate(rows, axis=0)
+        """Each row over its own cache. Several rows are spread over the cores' streams, a block of rows each,
+        so each row is one attention call (a single row splits its heads over the streams instead)."""
+        if len(self.caches) == 1:
+            return self.caches[0].attend(queries, keys, values, scale, rope, cores)
 
+        def rows(start: int, stop: int) -> mx.array:
+            return mx.concatenate([self.caches[i].attend(queries[i : i + 1], keys[i : i + 1], values[i : i + 1],
+                                                         scale, rope) for i in range(start, stop)], axis=0)
+
+        return cores.blocks(len(self.caches), rows, axis=0)
 
 def decode_step(model, tokens: list[int] | mx.array, caches: list[list[KVCache]]) -> mx.array:
     """The next-token logits [B, vocab] of B sequences, each given its next token and its own caches (one per layer).

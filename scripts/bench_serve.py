@@ -10,7 +10,8 @@ load changes during the run changes every side's figures alike.
     python scripts/bench_serve.py /tmp/tiny --prompt-tokens 512 --max-tokens 128 --repeats 5
 
 --concurrent N measures batching instead: aggregate decode speed of N streams at once against one stream
-alone, through one `qwenmlx serve --max-batch N`. --restart measures the prompt cache on disk: one long
+alone, through one `qwenmlx serve --max-batch N` (with --model-level: the model's batched decode step
+alone, without the server). --restart measures the prompt cache on disk: one long
 prompt to a fresh `qwenmlx serve`, then the same prompt again after the server was stopped and started
 on the same cache directory.
 """
@@ -117,6 +118,33 @@ def concurrent_streams(model_dir: str, streams: int, prompt_tokens: int, max_tok
         print(f"| {n} | {statistics.median(figures_):.1f} | {statistics.median(figures_) / n:.1f} |")
 
 
+def model_level(model_dir: str, streams: int, prompt_tokens: int, repeats: int) -> None:
+    """`batch.decode_step` alone, without the server: one sequence and `streams` at once, taking turns."""
+    import mlx.core as mx
+
+    from qwenmlx.batch import decode_step
+    from qwenmlx.cache import make_cache
+    from qwenmlx.checkpoint import load
+
+    model, tokenizer = load(model_dir)
+    rows = {}
+    for n in (1, streams):
+        caches = [make_cache(model) for _ in range(n)]
+        for text, cache in zip(prompts(n, prompt_tokens), caches):
+            model(mx.array(tokenizer.encode(text))[None], cache)
+        rows[n] = (caches, mx.zeros((n,), mx.int32), [])
+    for _ in range(repeats + 1):  # the first round warms up
+        for caches, tokens, times in rows.values():
+            start_time = time.perf_counter()
+            mx.eval(mx.argmax(decode_step(model, tokens, caches), axis=-1))
+            times.append(time.perf_counter() - start_time)
+    print(f"{model_dir}: batch.decode_step after ~{prompt_tokens}-token prompts, best of {repeats} steps\n")
+    print("| sequences at once | step (ms) | aggregate decode (tok/s) |")
+    print("|---:|---:|---:|")
+    for n, (_, _, times) in rows.items():
+        print(f"| {n} | {min(times[1:]) * 1000:.1f} | {n / min(times[1:]):.1f} |")
+
+
 def across_a_restart(model_dir: str, prompt_tokens: int, max_tokens: int) -> None:
     """The same long prompt before and after a restart of `qwenmlx serve` on one prompt cache directory."""
     prompt = prompts(1, prompt_tokens)[0]
@@ -171,7 +199,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="Requests per side (after one warm-up).")
     parser.add_argument("--restart", action="store_true", help="Measure the prompt cache across a restart.")
     parser.add_argument("--concurrent", type=int, metavar="N", help="Measure N streams at once against one.")
+    parser.add_argument("--model-level", action="store_true",
+                        help="With --concurrent: batch.decode_step alone, without the server.")
     args = parser.parse_args()
+    if args.concurrent and args.model_level:
+        return model_level(args.model, args.concurrent, args.prompt_tokens, args.repeats)
     if args.concurrent:
         return concurrent_streams(args.model, args.concurrent, args.prompt_tokens, args.max_tokens, args.repeats)
     if args.restart:

@@ -13,7 +13,7 @@ from qwenmlx.cache import KVCache, RotatingKVCache, copy_caches
 from qwenmlx.checkpoint import load
 from qwenmlx.generate import stream_generate
 from qwenmlx.server.app import with_keepalives
-from qwenmlx.server.engine import Engine, LoadedModel, Request, scripted_sampler, thinking_switch
+from qwenmlx.server.engine import Engine, LoadedModel, Request, greedy_tokens, scripted_sampler, thinking_switch
 from qwenmlx.server.prompt_cache import DiskCache, PromptCache
 from qwenmlx.server.reply import Reply, Text, ToolCall
 from qwenmlx.server.request import Finished, Started
@@ -292,6 +292,22 @@ def answer(engine: Engine, request: Request) -> tuple[list, list[int]]:
         return [event async for event in job.events()], job.prompt
 
     return asyncio.run(run())
+
+
+@pytest.mark.parametrize("argmax_only", [[True] * 4, [False, True, False, True], [False] * 3])
+def test_a_batchs_plain_greedy_rows_get_their_own_argmax_from_one_call_and_the_others_are_left_to_sample(argmax_only):
+    class Row:  # a sequence, as far as the batch's sampling sees it
+        def __init__(self, flag: bool):
+            self.argmax_only = flag
+
+    batch = [Row(flag) for flag in argmax_only]
+    logits = mx.random.normal((len(batch), 1000), key=mx.random.key(0))
+    tokens = greedy_tokens(batch, logits)
+    assert list(tokens) == [s for s in batch if s.argmax_only]
+    for i, sequence in enumerate(batch):
+        if sequence.argmax_only:
+            token, logprobs = tokens[sequence]
+            assert token.shape == (1,) and token.item() == mx.argmax(logits[i]).item() and logprobs is None
 
 
 def test_a_reply_that_evicts_from_a_rotating_cache_leaves_an_exact_checkpoint_for_the_next_turn(moe_dir):

@@ -69,6 +69,15 @@ def scripted_sampler(tokens: list[int], end: int, failure: str | None):
     return sample
 
 
+def greedy_tokens(batch: list["Sequence"], logits: mx.array) -> dict:
+    """The next token of each plain greedy sequence (argmax, nothing else) of the batch, from one argmax call."""
+    greedy = [i for i, s in enumerate(batch) if s.argmax_only]
+    if not greedy:
+        return {}
+    tokens = mx.argmax(logits if len(greedy) == len(batch) else logits[mx.array(greedy)], axis=-1)
+    return {batch[i]: (tokens[j : j + 1], None) for j, i in enumerate(greedy)}
+
+
 class Job:
     """A prepared request on its way through the engine; the asyncio side reads its events, and may cancel it."""
 
@@ -247,16 +256,17 @@ class Engine:
         tokens sampled last step, as stream_generate overlaps the model with its caller."""
         fed = [s for s in decoding if not s.forced and not s.pending_is_last]
         alone = [s for s in decoding if s.forced]
-        rows = []
+        sampled, rows = {}, []
         if fed:
             inputs = mx.concatenate([s.input_token() for s in fed])
-            rows = list(decode_step(self.model, inputs, [s.caches for s in fed]))
+            logits = decode_step(self.model, inputs, [s.caches for s in fed])
             for sequence in fed:
                 sequence.checkpoint_prompt()
-        rows += [s.feed_forced() for s in alone]
-        sampled = {}
-        for sequence, logits in zip(fed + alone, rows):
-            sampled[sequence] = self._guarded([sequence.job], lambda s=sequence, row=logits: s.sample(row[None]))
+            sampled = greedy_tokens(fed, logits)
+            rows = [(s, logits[i]) for i, s in enumerate(fed) if s not in sampled]
+        rows += [(s, s.feed_forced()) for s in alone]
+        for sequence, row in rows:
+            sampled[sequence] = self._guarded([sequence.job], lambda s=sequence, row=row: s.sample(row[None]))
         mx.async_eval([pair[0] for pair in sampled.values() if pair is not None])
         for sequence in decoding:
             if sequence.pending is not None:
@@ -354,6 +364,9 @@ class Sequence:
             self.sampler = make_sampler(job.sampling)
         self.use_counts = job.sampling.presence_penalty != 0 or job.sampling.repetition_penalty != 1.0
         self.counts = mx.zeros((model.config.vocab_size,), mx.int32)
+        # Its next token is the logits' argmax alone (no penalty, no logprobs, no test script).
+        self.argmax_only = (not request.scripted and job.sampling.temperature == 0 and not self.use_counts
+                            and request.top_logprobs is None)
 
     @property
     def pending_is_last(self) -> bool:
