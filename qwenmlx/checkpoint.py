@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .attention import check_self_extend
 from .config import ModelConfig, read_config
 from .errors import QwenMLXError
 from .model import Model
@@ -236,15 +237,20 @@ def load_model(
     dtype: mx.Dtype | None = None,
     lazy: bool = False,
     threads: int | None = None,
+    self_extend: dict | None = None,
 ) -> tuple[Model, Path]:
     """Build the model its config.json describes and fill it from the checkpoint's safetensors.
 
     threads: CPU cores the large matmuls are split over (default: all; ignored on a GPU).
+    self_extend: {"group_size": G, "window": W} runs SelfExtend attention (attention.py).
     """
+    if self_extend is not None:
+        check_self_extend(self_extend)
     model_dir = resolve_model_dir(path_or_hub_id)
     config = read_config(model_dir)
     if rope_scaling is not None:
         config.rope_scaling = rope_scaling or None  # {} switches YaRN off
+    config.self_extend = self_extend
     model = Model(config)
     weights = to_mlx_layout(read_weights(model_dir), config)
     if any(k.endswith(".scales") for k in weights):
@@ -267,14 +273,17 @@ def load_model(
 
 
 def load(path_or_hub_id: str | Path, *, rope_scaling: dict | None = None, dtype: mx.Dtype | None = None,
-         threads: int | None = None):
+         threads: int | None = None, self_extend: dict | None = None):
     """(model, tokenizer) from a local dir or a Hub id; rope_scaling overrides the config's (e.g. YaRN factor 4).
+
+    self_extend: {"group_size": G, "window": W} reads ~G times past the trained window (attention.py).
 
     The tokenizer comes first: a broken tokenizer or chat template is reported before any weight is read.
     """
     model_dir = resolve_model_dir(path_or_hub_id)
     tokenizer = Tokenizer.from_dir(model_dir)
-    model, _ = load_model(model_dir, rope_scaling=rope_scaling, dtype=dtype, threads=threads)
+    model, _ = load_model(model_dir, rope_scaling=rope_scaling, dtype=dtype, threads=threads,
+                          self_extend=self_extend)
     return model, tokenizer
 
 

@@ -90,14 +90,21 @@ def default_model_dir():
     return _pull_with_bars(DEFAULT_REPO, None, None).dst
 
 
-def load_weights(model_dir, threads: int | None, memory_check: bool, context: int | None, **levers):
+def load_weights(model_dir, threads: int | None, memory_check: bool, context: int | None,
+                 self_extend: dict | None = None, **levers):
     """The model's weights, once the memory check (weights + KV cache at `context`) says they fit."""
     from .checkpoint import load_model
     from .memory import check_memory
 
     if memory_check:
         check_memory(model_dir, context, **levers)
-    return load_model(model_dir, threads=threads)[0]
+    return load_model(model_dir, threads=threads, self_extend=self_extend)[0]
+
+
+def self_extend_option(text: str | None) -> dict | None:
+    from .attention import parse_self_extend
+
+    return None if text is None else parse_self_extend(text)
 
 
 def sampling_options(temp, top_p, top_k, min_p, presence_penalty, repetition_penalty, seed) -> dict:
@@ -129,6 +136,9 @@ BUDGET_OPTION = typer.Option(None, "--thinking-budget", help="Close the thought 
 PREFILL_OPTION = typer.Option(None, "--prefill-step", help="Prompt tokens per prefill chunk (default: from free memory).")
 THREADS_OPTION = typer.Option(None, "--threads",
                               help="CPU cores the large matmuls are split over (default and most: all; a GPU ignores it).")
+SELF_EXTEND_OPTION = typer.Option(None, "--self-extend", metavar="G:W",
+                                  help="SelfExtend attention: exact positions within W tokens, grouped by G beyond "
+                                       "(reads ~G times the trained window).")
 
 
 def _prompt_from_stdin() -> str:
@@ -153,6 +163,7 @@ def generate(prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt,
              repetition_penalty: float = REPETITION_OPTION, seed: int = SEED_OPTION,
              thinking_budget: int = BUDGET_OPTION, prefill_step: int = PREFILL_OPTION,
              threads: int = THREADS_OPTION, memory_check: bool = MEMORY_CHECK_OPTION,
+             self_extend: str = SELF_EXTEND_OPTION,
              json_output: bool = typer.Option(False, "--json", help="Print JSON with the text, token counts, speeds.")):
     """One answer to one prompt, for scripts: the text on stdout (or JSON)."""
     import json
@@ -162,12 +173,13 @@ def generate(prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt,
     options = sampling_options(temp, top_p, top_k, min_p, presence_penalty, repetition_penalty, seed)
     check_generation(max_tokens, thinking_budget, prefill_step, **options)
     check_threads(threads)
+    grouping = self_extend_option(self_extend)
     text = _prompt_from_stdin() if prompt == "-" else prompt
     messages = prompt_messages(text, system)
     model_dir, tokenizer = open_model(model)
     tokens = tokenizer.apply_chat_template(messages, enable_thinking=think, tokenize=True)
-    llm = load_weights(model_dir, threads, memory_check, len(tokens) + max_tokens, prompt_tokens=len(tokens),
-                       context_option="--max-tokens")
+    llm = load_weights(model_dir, threads, memory_check, len(tokens) + max_tokens, grouping,
+                       prompt_tokens=len(tokens), context_option="--max-tokens")
     sampling = default_sampling(think, tokenizer.generation_config, **options)
     pieces, stats = [], None
     for step in stream_generate(llm, tokenizer, tokens, sampling=sampling, max_tokens=max_tokens,
@@ -198,7 +210,7 @@ def chat(model: str = MODEL_OPTION,
          min_p: float = MIN_P_OPTION, presence_penalty: float = PRESENCE_OPTION,
          repetition_penalty: float = REPETITION_OPTION, seed: int = SEED_OPTION,
          thinking_budget: int = BUDGET_OPTION, prefill_step: int = PREFILL_OPTION, threads: int = THREADS_OPTION,
-         memory_check: bool = MEMORY_CHECK_OPTION):
+         memory_check: bool = MEMORY_CHECK_OPTION, self_extend: str = SELF_EXTEND_OPTION):
     """Chat in the terminal, with thinking, prompt reuse across turns and /commands (/help)."""
     from .chat import ChatSession
     from .chat_terminal import ChatTerminal
@@ -207,9 +219,10 @@ def chat(model: str = MODEL_OPTION,
     options = sampling_options(temp, top_p, top_k, min_p, presence_penalty, repetition_penalty, seed)
     check_generation(max_tokens, thinking_budget, prefill_step, **options)
     check_threads(threads)
+    grouping = self_extend_option(self_extend)
     model_dir, tokenizer = open_model(model)
     with console.status(f"loading {model_dir}"):
-        llm = load_weights(model_dir, threads, memory_check, max_kv_size, kv_bits=kv_bits,
+        llm = load_weights(model_dir, threads, memory_check, max_kv_size, grouping, kv_bits=kv_bits,
                            context_option="--max-kv-size", kv_bits_option=True)
     session = ChatSession(llm, tokenizer, system=system, thinking=think, max_kv_size=max_kv_size, kv_bits=kv_bits,
                           max_tokens=max_tokens, thinking_budget=thinking_budget, prefill_step=prefill_step, **options)
@@ -623,6 +636,8 @@ def _closing_line(summary) -> str:
     else:
         strategy = "single pass"
     yarn = f"YaRN factor {summary.yarn_factor}" if summary.yarn_factor else "no YaRN"
+    if summary.plans[-1].self_extend:
+        yarn = "SelfExtend group {group_size}, window {window}".format(**summary.plans[-1].self_extend)
     return (
         f"{strategy} · {yarn} · {summary.document_tokens:,} document tokens · final prompt {final.prompt_tokens:,} · "
         f"{summary.generated_tokens:,} generated · tokenise {s['tokenize']:.2f} s · prefill {s['prefill']:.2f} s · "
@@ -662,6 +677,7 @@ def summarize(
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead; no progress bars."),
     threads: int = THREADS_OPTION,
     memory_check: bool = MEMORY_CHECK_OPTION,
+    self_extend: str = SELF_EXTEND_OPTION,
 ):
     """Summarise a file of any length: in one pass, with YaRN when needed, or in parts (map-reduce)."""
     import json
@@ -676,6 +692,7 @@ def summarize(
     options = SummaryOptions(style=style, lang=lang, max_tokens=max_tokens, think=think)
     options.check()
     check_threads(threads)
+    grouping = self_extend_option(self_extend)
     if out is not None:
         inputs = {"document": Path(file)} if file != "-" else {}
         if Path(model).expanduser().exists():
@@ -687,7 +704,7 @@ def summarize(
     model_dir, tokenizer = open_model(model)
     with stderr.status(f"loading {model_dir}", spinner="dots") if not json_output else nullcontext():
         # At least the answer must fit; the strategy then fits the document into what is left, in parts if need be.
-        llm = load_weights(model_dir, threads, memory_check, max_tokens * (2 if think else 1),
+        llm = load_weights(model_dir, threads, memory_check, max_tokens * (2 if think else 1), grouping,
                            context_option="--max-tokens")
     progress = None if json_output else SummaryBars()
     try:

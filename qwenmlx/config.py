@@ -37,6 +37,8 @@ class ModelConfig:
     mlp_only_layers: list = field(default_factory=list)
     # mlx-lm's layout: {"bits", "group_size", "mode", "<module path>": {...} | False}.
     quantization: dict | None = None
+    # Not in Qwen's config.json: set by load(path, self_extend=...) (see attention.py).
+    self_extend: dict | None = None
 
     def __post_init__(self):
         if self.head_dim is None:

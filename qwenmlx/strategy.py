@@ -4,7 +4,8 @@ Qwen's guidance: Qwen3 handles 32,768 tokens natively; YaRN stretches that by it
 4 for 131,072), but static YaRN costs some quality on short texts, so it is enabled only when needed and
 with the smallest factor that is enough. Memory is checked too: the weights plus the KV cache at that
 length, trying an 8-bit KV cache (about half the size) before giving up on a single pass. Whatever fits
-in neither is summarised in parts (map-reduce, in summarize.py).
+in neither is summarised in parts (map-reduce, in summarize.py). A model loaded with SelfExtend (asked for
+by the user, never chosen here) reads its own longer window instead of YaRN.
 
 Every number comes in through Limits, so the boundaries are testable on a tiny model.
 """
@@ -19,7 +20,7 @@ from .cache import KVCache, kv_cache_bytes, kv_elements_per_token, kv_group_size
 from .errors import QwenMLXError
 from .generate import available_memory
 
-SINGLE_PASS, YARN, MAP_REDUCE = "single pass", "YaRN", "map-reduce"
+SINGLE_PASS, YARN, SELF_EXTEND, MAP_REDUCE = "single pass", "YaRN", "SelfExtend", "map-reduce"
 MAX_YARN_FACTOR = 4  # Qwen validates YaRN up to 131,072 tokens, factor 4 on 32,768
 # Qwen3's config.json declares 40,960 positions, but Qwen documents 32,768 as the native context: the YaRN base.
 DOCUMENTED_NATIVE_CONTEXT = {40960: 32768}
@@ -41,6 +42,14 @@ def yarn_scaling(factor: int | None, native: int) -> dict | None:
     return {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": native}
 
 
+def self_extend_context(native: int, self_extend: dict) -> int:
+    """The tokens SelfExtend keeps within the trained positions: the last query's grouped position < native."""
+    group, window = self_extend["group_size"], self_extend["window"]
+    if window >= native:
+        return native
+    return (native - window + window // group) * group
+
+
 @dataclass
 class Limits:
     """What bounds one generation: the native window, and the memory for the weights plus the KV cache."""
@@ -51,6 +60,7 @@ class Limits:
     kv_elements_per_token: int  # keys and values, all layers
     kv_dtype_bytes: int  # an unquantized cache stores the compute dtype
     kv_group_size: int | None  # None: this head_dim cannot have a quantized cache
+    self_extend: dict | None = None  # the model's SelfExtend settings, when loaded with them
 
     def kv_cache_bytes(self, tokens: int, kv_bits: int | None = None) -> int:
         return kv_cache_bytes(self.kv_elements_per_token, tokens, kv_bits, self.kv_dtype_bytes, self.kv_group_size)
@@ -95,6 +105,7 @@ def config_limits(config, weights_bytes: int, dtype_bytes: int, memory_budget: i
         kv_elements_per_token=kv_elements_per_token(config),
         kv_dtype_bytes=dtype_bytes,
         kv_group_size=group_size,
+        self_extend=config.self_extend,
     )
 
 
@@ -102,7 +113,7 @@ def config_limits(config, weights_bytes: int, dtype_bytes: int, memory_budget: i
 class Plan:
     """How one generation runs, and why."""
 
-    strategy: str  # SINGLE_PASS, YARN or MAP_REDUCE
+    strategy: str  # SINGLE_PASS, YARN, SELF_EXTEND or MAP_REDUCE
     prompt_tokens: int
     answer_tokens: int  # reserved for the answer (and the thinking, when on)
     native_context: int
@@ -110,6 +121,14 @@ class Plan:
     kv_bits: int | None = None  # None: full-precision KV cache
     memory_needed: int = 0  # bytes: weights + KV cache at prompt + answer tokens
     memory_budget: int = 0
+    self_extend: dict | None = None  # the loaded model's SelfExtend settings (no YaRN then)
+
+    @property
+    def longest(self) -> int:
+        """The most tokens one generation may hold: SelfExtend's window, or the largest YaRN factor's."""
+        if self.self_extend:
+            return self_extend_context(self.native_context, self.self_extend)
+        return self.native_context * MAX_YARN_FACTOR
 
     @property
     def context_tokens(self) -> int:
@@ -126,9 +145,13 @@ class Plan:
             window = self.native_context * self.yarn_factor
             return (f"YaRN factor {self.yarn_factor}: {tokens} exceed the native {self.native_context:,} "
                     f"but fit {window:,} ({memory}{kv})")
-        longest = self.native_context * MAX_YARN_FACTOR
-        if self.context_tokens > longest:
-            return f"map-reduce: {tokens} exceed {longest:,}, the most YaRN factor {MAX_YARN_FACTOR} allows"
+        if self.strategy == SELF_EXTEND:
+            grouping = f"group {self.self_extend['group_size']}, window {self.self_extend['window']:,}"
+            return (f"SelfExtend ({grouping}, as asked): {tokens} exceed the native {self.native_context:,} "
+                    f"but fit its {self.longest:,} ({memory}{kv})")
+        if self.context_tokens > self.longest:
+            most = "SelfExtend's window" if self.self_extend else f"the most YaRN factor {MAX_YARN_FACTOR} allows"
+            return f"map-reduce: {tokens} exceed {self.longest:,}, {most}"
         return f"map-reduce: {tokens} need {memory}, even with an 8-bit KV cache"
 
     def to_dict(self) -> dict:
@@ -136,15 +159,22 @@ class Plan:
 
 
 def choose_strategy(prompt_tokens: int, answer_tokens: int, limits: Limits) -> Plan:
-    """The first that fits: native window, then the smallest YaRN factor; full-precision KV, then 8-bit."""
+    """The first that fits: native window, then the smallest YaRN factor (or, on a model loaded with
+    SelfExtend, its window); full-precision KV, then 8-bit."""
     context = prompt_tokens + answer_tokens
     factor = max(1, math.ceil(context / limits.native_context))
-    plan = Plan(MAP_REDUCE, prompt_tokens, answer_tokens, limits.native_context, memory_budget=limits.memory_budget)
-    if factor > MAX_YARN_FACTOR:
+    plan = Plan(MAP_REDUCE, prompt_tokens, answer_tokens, limits.native_context, memory_budget=limits.memory_budget,
+                self_extend=limits.self_extend)
+    if context > plan.longest:
         return plan
     for kv_bits in limits.kv_bits_options():
         plan.kv_bits, plan.memory_needed = kv_bits, limits.memory_needed(context, kv_bits)
         if plan.memory_needed <= limits.memory_budget:
-            plan.strategy, plan.yarn_factor = (SINGLE_PASS, None) if factor == 1 else (YARN, factor)
+            if factor == 1:
+                plan.strategy = SINGLE_PASS
+            elif limits.self_extend:
+                plan.strategy = SELF_EXTEND
+            else:
+                plan.strategy, plan.yarn_factor = YARN, factor
             return plan
     return plan

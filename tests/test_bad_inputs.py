@@ -185,6 +185,15 @@ ROWS = [
     Row("pull-unknown-dtype", ("pull", "Qwen/Qwen3-30B-A3B", "{tmp}/out", "--dtype", "int8"), "--dtype"),
     Row("rm-a-path-out-of-the-models-dir", ("rm", "../x"), "not a model name"),
     Row("convert-repo-id-with-check", ("convert", "Qwen/Qwen3-30B-A3B", "{tmp}/out", "--check"), "--check"),
+    # --- attention past the trained window ---
+    Row("generate-self-extend-without-a-window", (*GENERATE, "--self-extend", "4"), "--self-extend must be G:W"),
+    Row("generate-self-extend-group-zero", (*GENERATE, "--self-extend", "0:1024"), "--self-extend must be G:W"),
+    Row("chat-self-extend-not-numbers", ("chat", "-m", "{model}", "--self-extend", "four:many"),
+        "--self-extend must be G:W"),
+    Row("chat-self-extend-with-a-rotating-cache", ("chat", "-m", "{model}", "--self-extend", "4:16",
+                                                   "--max-kv-size", "64"), "--max-kv-size: SelfExtend"),
+    Row("summarize-self-extend-negative-window", (*SUMMARIZE, "--self-extend", "4:-16"), "--self-extend must be G:W",
+        files=SHORT_DOCUMENT),
 ]
 
 

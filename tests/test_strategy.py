@@ -7,12 +7,14 @@ import pytest
 from qwenmlx.config import config_from_dict
 from qwenmlx.strategy import (
     MAP_REDUCE,
+    SELF_EXTEND,
     SINGLE_PASS,
     YARN,
     Limits,
     choose_strategy,
     config_limits,
     native_context,
+    self_extend_context,
     yarn_scaling,
 )
 from tests.qwen_tokenizer_files import FIXTURES
@@ -112,3 +114,37 @@ def test_the_plan_says_which_strategy_and_why(roomy, strategy_context, words):
     plan = choose_strategy(strategy_context, ANSWER, roomy)
     assert words in plan.describe()
     assert plan.to_dict()["description"] == plan.describe()
+
+
+@pytest.mark.parametrize("group_size, window", [(4, 2048), (3, 1000), (8, 512), (1, 4096)])
+def test_self_extend_context_is_the_longest_whose_grouped_positions_stay_trained(group_size, window):
+    native = 32768
+    tokens = self_extend_context(native, {"group_size": group_size, "window": window})
+
+    def last_grouped_query_position(n_tokens: int) -> int:
+        return (n_tokens - 1) // group_size + window - window // group_size
+
+    assert last_grouped_query_position(tokens) <= native - 1 < last_grouped_query_position(tokens + 1)
+
+
+@pytest.fixture(scope="module")
+def roomy_self_extend(qwen3_30b_config) -> Limits:
+    """Qwen3-30B-A3B as `roomy`, loaded with SelfExtend group 4, window 2,048 (a 124,928-token window)."""
+    limits = config_limits(qwen3_30b_config, 17 * GB, dtype_bytes=2, memory_budget=1000 * GB)
+    limits.self_extend = {"group_size": 4, "window": 2048}
+    return limits
+
+
+@pytest.mark.parametrize("context, strategy", [
+    (32768, SINGLE_PASS), (32769, SELF_EXTEND), (124928, SELF_EXTEND), (124929, MAP_REDUCE),
+])
+def test_a_model_loaded_with_self_extend_reads_its_window_instead_of_yarn(roomy_self_extend, context, strategy):
+    plan = choose_strategy(context - ANSWER, ANSWER, roomy_self_extend)
+    assert (plan.strategy, plan.yarn_factor) == (strategy, None)
+
+
+@pytest.mark.parametrize("context, words", [
+    (40000, "SelfExtend (group 4, window 2,048, as asked)"), (200000, "exceed 124,928, SelfExtend's window"),
+])
+def test_the_self_extend_plan_says_which_and_why(roomy_self_extend, context, words):
+    assert words in choose_strategy(context, ANSWER, roomy_self_extend).describe()

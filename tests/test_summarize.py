@@ -15,7 +15,7 @@ from qwenmlx.documents import Document, read_document
 from qwenmlx.errors import QwenMLXError
 from qwenmlx.generate import QWEN_SAMPLING, THINKING_BUDGET_TEXT, Stats, Step
 from qwenmlx.rope import RoPE
-from qwenmlx.strategy import MAP_REDUCE, SINGLE_PASS, YARN, limits_for, yarn_scaling
+from qwenmlx.strategy import MAP_REDUCE, SELF_EXTEND, SINGLE_PASS, YARN, limits_for, yarn_scaling
 from qwenmlx.summarize import (
     Summarizer,
     SummaryOptions,
@@ -114,6 +114,14 @@ def test_the_yarn_factor_applied_to_the_model_is_the_one_reported(tiny, english,
         assert mx.array_equal(freqs, expected._freqs)
     assert model.config.rope_scaling is None  # for this run only
     assert model.layers[0].self_attn.rope.attention_factor == 1.0
+
+
+def test_a_model_loaded_with_self_extend_reads_past_the_window_in_one_pass_without_yarn(moe_dir, english):
+    model, tokenizer = load(moe_dir, self_extend={"group_size": 8, "window": 64})
+    summary, recorder = run((model, tokenizer), english, native=600)
+    assert (summary.strategy, summary.yarn_factor, summary.parts) == (SELF_EXTEND, None, [])
+    assert summary.plans[0].context_tokens > 600
+    assert recorder.ropes and {scaling for scaling, _, _ in recorder.ropes} == {None}
 
 
 def test_past_four_times_the_window_the_parts_cover_the_document_once_in_order(tiny, english, generations):

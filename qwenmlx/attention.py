@@ -1,0 +1,159 @@
+"""Attention of a decoder layer, and the variants that read past the trained window, chosen once at load.
+
+Every variant takes the same call, attention(x, cache), so the model never asks which one it runs:
+
+- Attention: grouped-query attention with RoPE at each token's index (what Qwen3 was trained with).
+- SelfExtendAttention: LongLM's SelfExtend (config.self_extend, set by load(path, self_extend=...)).
+
+A variant that places tokens at positions other than their index keeps *unrotated* keys in its cache and
+rotates them per query region at each step; make_cache asks `rotated_keys` to know which cache to build.
+"""
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import ModelConfig
+from .errors import QwenMLXError
+from .fused import concatenate_rows
+from .parallel import NO_CORES
+from .rope import RoPE
+
+
+def _whole_at_least_one(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+def check_self_extend(settings: Any) -> dict:
+    """SelfExtend's {"group_size": G, "window": W}, checked: both whole numbers >= 1."""
+    if not isinstance(settings, dict) or set(settings) != {"group_size", "window"}:
+        raise QwenMLXError(f"self_extend must be {{'group_size': G, 'window': W}}, got {settings!r}")
+    for name, value in settings.items():
+        if not _whole_at_least_one(value):
+            raise QwenMLXError(f"self_extend {name} must be a whole number >= 1, got {value!r}")
+    return settings
+
+
+def parse_self_extend(text: str) -> dict:
+    """--self-extend G:W (group size, neighbour window) as load() takes it."""
+    group, _, window = text.partition(":")
+    try:
+        return check_self_extend({"group_size": int(group), "window": int(window)})
+    except (ValueError, QwenMLXError):
+        raise QwenMLXError(
+            f"--self-extend must be G:W, a group size and a neighbour window, both whole numbers >= 1 "
+            f"(e.g. 4:2048), got {text!r}"
+        ) from None
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with per-head RMSNorm on q and k before RoPE."""
+
+    cores = NO_CORES  # where the projections are split (see parallel.py)
+    rotated_keys = True  # the cache holds keys rotated at their index
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.eps = c.rms_norm_eps
+        self.q_proj = nn.Linear(c.hidden_size, self.n_heads * c.head_dim, bias=c.attention_bias)
+        self.k_proj = nn.Linear(c.hidden_size, self.n_kv_heads * c.head_dim, bias=c.attention_bias)
+        self.v_proj = nn.Linear(c.hidden_size, self.n_kv_heads * c.head_dim, bias=c.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * c.head_dim, c.hidden_size, bias=c.attention_bias)
+        self.q_norm = nn.RMSNorm(c.head_dim, eps=c.rms_norm_eps)
+        self.k_norm = nn.RMSNorm(c.head_dim, eps=c.rms_norm_eps)
+        self.set_rope(RoPE.for_config(c))
+
+    def set_rope(self, rope: RoPE) -> None:
+        self.rope = rope
+        # YaRN scales q and k each by attention_factor; here that product lands on the scores.
+        self.scale = self.head_dim**-0.5 * rope.attention_factor**2
+
+    def fuse(self) -> None:
+        """After loading: one q|k|v projection where their quantization agrees, and the two norms' weights as one."""
+        qkv = concatenate_rows([self.q_proj, self.k_proj, self.v_proj])
+        if qkv is not None:
+            self.qkv_proj = qkv
+            del self.q_proj, self.k_proj, self.v_proj
+        # Normalising q and k heads in one call needs each head's weight: q's for query heads, k's for key heads.
+        self._qk_norm_weight = mx.concatenate([
+            mx.broadcast_to(self.q_norm.weight, (self.n_heads, self.head_dim)),
+            mx.broadcast_to(self.k_norm.weight, (self.n_kv_heads, self.head_dim)),
+        ])
+
+    def __call__(self, x: mx.array, cache: Any | None = None) -> mx.array:
+        B, L, _ = x.shape
+        if "qkv_proj" in self:
+            qkv = self.cores.rows(self.qkv_proj, x)
+        else:
+            qkv = mx.concatenate([self.cores.rows(p, x) for p in (self.q_proj, self.k_proj, self.v_proj)], axis=-1)
+        heads = qkv.reshape(B, L, -1, self.head_dim).transpose(0, 2, 1, 3)  # [B, q|k|v heads, L, head_dim]
+        n_qk = self.n_heads + self.n_kv_heads
+        # q and k: normalised per head, in one call over both.
+        qk = mx.fast.rms_norm(heads[:, :n_qk], None, self.eps) * self._qk_norm_weight[:, None]
+        out = self.attend(qk, heads[:, n_qk:], cache)
+        return self.cores.rows(self.o_proj, out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def attend(self, qk: mx.array, v: mx.array, cache: Any | None) -> mx.array:
+        """Queries and keys (normalised, not yet rotated; query heads first) and values -> [B, heads, L, head_dim]."""
+        qk = self.rope(qk, cache.offset if cache is not None else 0)  # q and k rotated in one call
+        q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]
+        if cache is None:
+            mask = "causal" if q.shape[2] > 1 else None
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return cache.attend(q, k, v, self.scale, self.rope, self.cores)
+
+
+class SelfExtendAttention(Attention):
+    """SelfExtend (LongLM, Jin et al. 2024): exact positions within a neighbour window, grouped ones beyond it.
+
+    A query at i and a key at j with i - j < window use positions i and j; any other pair uses
+    i // group + window - window // group and j // group. Both score maps are merged by that rule, then
+    one softmax. The distances the model sees stay within what it was trained on for ~group times longer texts.
+    """
+
+    rotated_keys = False
+
+    def __init__(self, c: ModelConfig, group_size: int, window: int):
+        super().__init__(c)
+        self.group_size, self.window = group_size, window
+
+    def attend(self, qk: mx.array, v: mx.array, cache: Any | None) -> mx.array:
+        q, keys, values = qk[:, : self.n_heads], qk[:, self.n_heads :], v
+        offset = 0
+        if cache is not None:
+            offset = cache.offset
+            cache.store(keys, values)
+            keys, values = cache.keys_and_values()
+        G, W = self.group_size, self.window
+        query_pos, key_pos = mx.arange(offset, offset + q.shape[2]), mx.arange(keys.shape[2])
+        near = grouped_scores(self.rope.at(q, query_pos), self.rope.at(keys, key_pos), self.scale)
+        far = grouped_scores(self.rope.at(q, query_pos // G + W - W // G), self.rope.at(keys, key_pos // G),
+                             self.scale)
+        distance = query_pos[:, None] - key_pos[None]
+        scores = mx.where(distance < W, near, far)
+        return softmax_values(mx.where(distance >= 0, scores, -mx.inf), values)
+
+
+def grouped_scores(q: mx.array, k: mx.array, scale: float) -> mx.array:
+    """q [B, heads, L, D] against k [B, kv_heads, N, D] -> scores [B, kv_heads, heads per kv head, L, N]."""
+    B, n_heads, L, D = q.shape
+    n_kv_heads = k.shape[1]
+    q = (q * scale).reshape(B, n_kv_heads, n_heads // n_kv_heads, L, D)
+    return q @ mx.expand_dims(k, 2).swapaxes(-1, -2)
+
+
+def softmax_values(scores: mx.array, values: mx.array) -> mx.array:
+    """Softmax (in float32) of grouped scores, times values [B, kv_heads, N, D] -> [B, heads, L, D]."""
+    weights = mx.softmax(scores.astype(mx.float32), axis=-1).astype(values.dtype)
+    out = weights @ mx.expand_dims(values, 2)
+    B, n_kv_heads, group, L, D = out.shape
+    return out.reshape(B, n_kv_heads * group, L, D)
+
+
+def make_attention(config: ModelConfig, layer_idx: int) -> Attention:
+    """The attention layer `config` asks for: SelfExtend where config.self_extend is set, else plain."""
+    if config.self_extend:
+        return SelfExtendAttention(config, **check_self_extend(config.self_extend))
+    return Attention(config)

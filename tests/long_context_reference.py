@@ -1,0 +1,96 @@
+"""Numpy references of the attention methods that read past the trained window, written from their authors' code.
+
+Each takes queries and keys *before* RoPE (q [B, heads, L, D], k and v [B, kv_heads, L, D]) for a whole
+prompt and returns the attention output [B, heads, L, D]. `reference_logits` runs transformers' own
+Qwen3 with its attention replaced by one of them: the full-model reference the MLX model is checked against.
+"""
+
+from unittest import mock
+
+import numpy as np
+import torch
+
+
+def rotate_half(x: np.ndarray) -> np.ndarray:
+    half = x.shape[-1] // 2
+    return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def rope(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
+    """transformers' default rotary embedding (rotate_half form) at integer positions [L]."""
+    dim = x.shape[-1]
+    inv_freq = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    freqs = positions[:, None].astype(np.float64) * inv_freq[None]
+    emb = np.concatenate([freqs, freqs], axis=-1)
+    return (x * np.cos(emb) + rotate_half(x) * np.sin(emb)).astype(x.dtype)
+
+
+def repeat_kv(x: np.ndarray, n_heads: int) -> np.ndarray:
+    return np.repeat(x, n_heads // x.shape[1], axis=1)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def causal_rope_attention(q, k, v, theta: float, scale: float) -> np.ndarray:
+    """Ordinary causal attention with RoPE at each token's index (what Qwen3 was trained with)."""
+    L = q.shape[2]
+    pos = np.arange(L)
+    k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+    scores = rope(q, pos, theta) @ rope(k, pos, theta).swapaxes(-1, -2) * scale
+    scores = np.where(np.tril(np.ones((L, L), bool)), scores, -np.inf)
+    return softmax(scores) @ v
+
+
+def self_extend_attention(q, k, v, theta: float, scale: float, group_size: int, window: int) -> np.ndarray:
+    """LongLM's self_extend_forward, the non-flash prefill path (q_len == kv_seq_len).
+
+    Source: datamllab/LongLM, self_extend_patch/Llama_4_40.py and Qwen2.py (`self_extend_forward`), with
+    the group query position as fixed in its commit "Fix group query position calculation" (floor division):
+    group_query_position = query_position // group_size_1 + group_size_2 - group_size_2 // group_size_1,
+    group_key_position = key_position // group_size_1; the neighbour mask is the causal mask minus a causal
+    mask shifted down by group_size_2; torch.where(neighbour, neighbour scores, group scores), one softmax.
+    (LongLM's `_re_group_size_2` zeroes the shift only while no pair is past the window, where the group
+    scores are all masked out anyway.) group_size_1 = group_size, group_size_2 = window.
+    """
+    L = q.shape[2]
+    query_position = key_position = np.arange(L)
+    neighbor_q = rope(q, query_position, theta)
+    neighbor_k = rope(k, key_position, theta)
+    re_window = 0 if query_position.max() < window else window
+    group_q = rope(q, query_position // group_size + re_window - re_window // group_size, theta)
+    group_k = rope(k, key_position // group_size, theta)
+    neighbor_k, group_k, v = (repeat_kv(a, q.shape[1]) for a in (neighbor_k, group_k, v))
+
+    neighbor_scores = neighbor_q @ neighbor_k.swapaxes(-1, -2) * scale
+    group_scores = group_q @ group_k.swapaxes(-1, -2) * scale
+    causal = np.tril(np.ones((L, L), bool))
+    neighbor_scores = np.where(causal, neighbor_scores, -np.inf)
+    group_scores = np.where(causal, group_scores, -np.inf)
+
+    neighbor_mask = np.tril(np.ones((L, L)))
+    if L - window > 0:
+        neighbor_mask[window:, :-window] -= np.tril(np.ones((L - window, L - window)))
+    scores = np.where(neighbor_mask.astype(bool), neighbor_scores, group_scores)
+    return softmax(scores) @ v
+
+
+def reference_logits(model_dir, tokens: np.ndarray, attention) -> np.ndarray:
+    """Logits of transformers' model with RoPE left out and attention(q, k, v, scale) (numpy) in its place."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.qwen3 import modeling_qwen3
+    from transformers.models.qwen3_moe import modeling_qwen3_moe
+
+    def replaced_attention(module, query, key, value, attention_mask, scaling, **kwargs):
+        out = attention(query.numpy(), key.numpy(), value.numpy(), scaling)
+        return torch.from_numpy(np.ascontiguousarray(out.swapaxes(1, 2))), None
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad(), mock.patch.multiple(modeling_qwen3_moe, apply_rotary_pos_emb=lambda q, k, *a, **kw: (q, k),
+                                              eager_attention_forward=replaced_attention), \
+            mock.patch.multiple(modeling_qwen3, apply_rotary_pos_emb=lambda q, k, *a, **kw: (q, k),
+                                eager_attention_forward=replaced_attention):
+        return model(torch.tensor(tokens)).logits.numpy()
