@@ -4,11 +4,14 @@ Every variant takes the same call, attention(x, cache), so the model never asks 
 
 - Attention: grouped-query attention with RoPE at each token's index (what Qwen3 was trained with).
 - SelfExtendAttention: LongLM's SelfExtend (config.self_extend, set by load(path, self_extend=...)).
+- DualChunkAttention: Qwen's dual chunk attention, as vLLM runs it (config.dual_chunk_attention_config,
+  from Qwen's config_1m.json or load(path, dual_chunk=True)).
 
 A variant that places tokens at positions other than their index keeps *unrotated* keys in its cache and
 rotates them per query region at each step; make_cache asks `rotated_keys` to know which cache to build.
 """
 
+import math
 from typing import Any
 
 import mlx.core as mx
@@ -45,6 +48,14 @@ def parse_self_extend(text: str) -> dict:
             f"--self-extend must be G:W, a group size and a neighbour window, both whole numbers >= 1 "
             f"(e.g. 4:2048), got {text!r}"
         ) from None
+
+
+def check_past_window(self_extend: Any, dual_chunk: bool) -> None:
+    """load's self_extend and dual_chunk, checked: at most one way past the trained window."""
+    if self_extend is not None:
+        check_self_extend(self_extend)
+        if dual_chunk:
+            raise QwenMLXError("--self-extend and --dual-chunk are two ways past the trained window: choose one")
 
 
 class Attention(nn.Module):
@@ -152,8 +163,65 @@ def softmax_values(scores: mx.array, values: mx.array) -> mx.array:
     return out.reshape(B, n_kv_heads * group, L, D)
 
 
+class DualChunkAttention(Attention):
+    """Dual chunk attention (An et al. 2024, ChunkLlama; Qwen2.5-1M), as vLLM's DualChunkRotaryEmbedding and
+    dual-chunk flash-attention backend run it, so that no distance exceeds chunk_size.
+
+    With chunk_len = chunk_size - local_size, keys sit at j mod chunk_len. A query at i sits at
+    i mod chunk_len against its own chunk, at min(i mod chunk_len + chunk_len, chunk_size) against the
+    chunk before, and at min(2 chunk_len - 1, chunk_size) against all earlier ones. vLLM merges the three
+    partial attentions by their log-sum-exp, which is one softmax over the three score maps joined by
+    region, as here. Past original_max_position_embeddings, vLLM's length scale s = 0.1 ln(L / original) + 1
+    multiplies each key as it is stored and each query, with L the whole prompt's length in prefill (also
+    chunk by chunk) and the sequence's length at a decode step: a decoded token's query and key take the s
+    of its step, and the prompt's keys keep theirs (vLLM's rule, kept here).
+    """
+
+    rotated_keys = False
+
+    def __init__(self, c: ModelConfig, chunk_size: int, local_size: int, original_max_position_embeddings: int):
+        super().__init__(c)
+        self.chunk_size, self.chunk_len = chunk_size, chunk_size - local_size
+        self.original_max = original_max_position_embeddings
+
+    def length_scale(self, length: int) -> float:
+        """vLLM's scaling_factor for a sequence of `length` tokens (1 within the trained window)."""
+        if self.original_max <= 0:
+            return 1.0
+        return max(1.0, 0.1 * math.log(length / self.original_max) + 1.0)
+
+    def attend(self, qk: mx.array, v: mx.array, cache: Any | None) -> mx.array:
+        q, keys, values = qk[:, : self.n_heads], qk[:, self.n_heads :], v
+        offset, length = 0, q.shape[2]
+        if cache is not None:
+            offset = cache.offset
+            length = max(cache.prompt_end, offset + length)
+        length_scale = self.length_scale(length)
+        keys = keys * length_scale
+        if cache is not None:
+            cache.store(keys, values)
+            keys, values = cache.keys_and_values()
+        chunk_len, chunk_size = self.chunk_len, self.chunk_size
+        scale = self.scale * length_scale
+        query_pos, key_pos = mx.arange(offset, offset + q.shape[2]), mx.arange(keys.shape[2])
+        keys = self.rope.at(keys, key_pos % chunk_len)
+        within = query_pos % chunk_len
+        intra = grouped_scores(self.rope.at(q, within), keys, scale)
+        succ = grouped_scores(self.rope.at(q, mx.minimum(within + chunk_len, chunk_size)), keys, scale)
+        far = mx.full(within.shape, min(2 * chunk_len - 1, chunk_size))
+        inter = grouped_scores(self.rope.at(q, far), keys, scale)
+        chunks_back = query_pos[:, None] // chunk_len - key_pos[None] // chunk_len
+        scores = mx.where(chunks_back == 0, intra, mx.where(chunks_back == 1, succ, inter))
+        return softmax_values(mx.where(key_pos[None] <= query_pos[:, None], scores, -mx.inf), values)
+
+
 def make_attention(config: ModelConfig, layer_idx: int) -> Attention:
-    """The attention layer `config` asks for: SelfExtend where config.self_extend is set, else plain."""
+    """The attention layer `config` asks for: dual chunk attention where the config carries Qwen's
+    dual_chunk_attention_config, SelfExtend where config.self_extend is set, else plain."""
+    if config.dual_chunk_attention_config:
+        settings = config.dual_chunk_attention_config
+        return DualChunkAttention(config, settings["chunk_size"], settings["local_size"],
+                                  settings.get("original_max_position_embeddings", 0))
     if config.self_extend:
         return SelfExtendAttention(config, **check_self_extend(config.self_extend))
     return Attention(config)

@@ -31,6 +31,7 @@ class KVCache:
     step = 256
     max_size: int | None = None  # the growing cache is unbounded
     keep = evicted = 0  # the rotating cache's kept (sink) tokens and tokens dropped so far
+    prompt_end = 0  # where the prompt being fed ends (set by generate); dual chunk attention scales by it
 
     def __init__(self, bits: int | None = None, group_size: int = 64, rotated_keys: bool = True):
         if bits is not None and bits not in SUPPORTED_KV_BITS:
@@ -236,15 +237,15 @@ def make_cache(model, max_kv_size: int | None = None, kv_bits: int | None = None
                keep: int = 4) -> list[KVCache]:
     """One cache per decoder layer, in the order model(tokens, cache) expects.
 
-    Holding unrotated keys where the model's attention places keys per query (SelfExtend): the rotating
+    Holding unrotated keys where the model's attention places keys per query (attention.py): the rotating
     cache cannot serve those, since evicting changes every later token's index and so its grouped position.
     """
     group_size = kv_group_size(model.config.head_dim) if kv_bits else 64
     rotated_keys = model.layers[0].self_attn.rotated_keys
     if max_kv_size is not None:
         if not rotated_keys:
-            raise QwenMLXError("--max-kv-size: SelfExtend places every token by its index from the start, "
-                               "which evicting old tokens would change; leave the cache unbounded")
+            raise QwenMLXError("--max-kv-size: SelfExtend and dual chunk attention place every token by its index "
+                               "from the start, which evicting old tokens would change; leave the cache unbounded")
         return [RotatingKVCache(max_kv_size, keep, kv_bits, group_size) for _ in model.layers]
     return [KVCache(kv_bits, group_size, rotated_keys) for _ in model.layers]
 

@@ -91,20 +91,26 @@ def default_model_dir():
 
 
 def load_weights(model_dir, threads: int | None, memory_check: bool, context: int | None,
-                 self_extend: dict | None = None, **levers):
-    """The model's weights, once the memory check (weights + KV cache at `context`) says they fit."""
+                 attention: dict | None = None, **levers):
+    """The model's weights, once the memory check (weights + KV cache at `context`) says they fit.
+
+    attention: load_model's self_extend and dual_chunk, as attention_options gives them.
+    """
     from .checkpoint import load_model
     from .memory import check_memory
 
     if memory_check:
         check_memory(model_dir, context, **levers)
-    return load_model(model_dir, threads=threads, self_extend=self_extend)[0]
+    return load_model(model_dir, threads=threads, **(attention or {}))[0]
 
 
-def self_extend_option(text: str | None) -> dict | None:
-    from .attention import parse_self_extend
+def attention_options(self_extend: str | None, dual_chunk: bool) -> dict:
+    """--self-extend G:W and --dual-chunk, checked, as load_model takes them."""
+    from .attention import check_past_window, parse_self_extend
 
-    return None if text is None else parse_self_extend(text)
+    options = {"self_extend": None if self_extend is None else parse_self_extend(self_extend), "dual_chunk": dual_chunk}
+    check_past_window(**options)
+    return options
 
 
 def sampling_options(temp, top_p, top_k, min_p, presence_penalty, repetition_penalty, seed) -> dict:
@@ -139,6 +145,8 @@ THREADS_OPTION = typer.Option(None, "--threads",
 SELF_EXTEND_OPTION = typer.Option(None, "--self-extend", metavar="G:W",
                                   help="SelfExtend attention: exact positions within W tokens, grouped by G beyond "
                                        "(reads ~G times the trained window).")
+DUAL_CHUNK_OPTION = typer.Option(False, "--dual-chunk",
+                                 help="Dual chunk attention with Qwen's 1M settings (2507 models, past 262,144 tokens).")
 
 
 def _prompt_from_stdin() -> str:
@@ -163,7 +171,7 @@ def generate(prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt,
              repetition_penalty: float = REPETITION_OPTION, seed: int = SEED_OPTION,
              thinking_budget: int = BUDGET_OPTION, prefill_step: int = PREFILL_OPTION,
              threads: int = THREADS_OPTION, memory_check: bool = MEMORY_CHECK_OPTION,
-             self_extend: str = SELF_EXTEND_OPTION,
+             self_extend: str = SELF_EXTEND_OPTION, dual_chunk: bool = DUAL_CHUNK_OPTION,
              json_output: bool = typer.Option(False, "--json", help="Print JSON with the text, token counts, speeds.")):
     """One answer to one prompt, for scripts: the text on stdout (or JSON)."""
     import json
@@ -173,12 +181,12 @@ def generate(prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt,
     options = sampling_options(temp, top_p, top_k, min_p, presence_penalty, repetition_penalty, seed)
     check_generation(max_tokens, thinking_budget, prefill_step, **options)
     check_threads(threads)
-    grouping = self_extend_option(self_extend)
+    attention = attention_options(self_extend, dual_chunk)
     text = _prompt_from_stdin() if prompt == "-" else prompt
     messages = prompt_messages(text, system)
     model_dir, tokenizer = open_model(model)
     tokens = tokenizer.apply_chat_template(messages, enable_thinking=think, tokenize=True)
-    llm = load_weights(model_dir, threads, memory_check, len(tokens) + max_tokens, grouping,
+    llm = load_weights(model_dir, threads, memory_check, len(tokens) + max_tokens, attention,
                        prompt_tokens=len(tokens), context_option="--max-tokens")
     sampling = default_sampling(think, tokenizer.generation_config, **options)
     pieces, stats = [], None
@@ -210,7 +218,8 @@ def chat(model: str = MODEL_OPTION,
          min_p: float = MIN_P_OPTION, presence_penalty: float = PRESENCE_OPTION,
          repetition_penalty: float = REPETITION_OPTION, seed: int = SEED_OPTION,
          thinking_budget: int = BUDGET_OPTION, prefill_step: int = PREFILL_OPTION, threads: int = THREADS_OPTION,
-         memory_check: bool = MEMORY_CHECK_OPTION, self_extend: str = SELF_EXTEND_OPTION):
+         memory_check: bool = MEMORY_CHECK_OPTION, self_extend: str = SELF_EXTEND_OPTION,
+         dual_chunk: bool = DUAL_CHUNK_OPTION):
     """Chat in the terminal, with thinking, prompt reuse across turns and /commands (/help)."""
     from .chat import ChatSession
     from .chat_terminal import ChatTerminal
@@ -219,10 +228,10 @@ def chat(model: str = MODEL_OPTION,
     options = sampling_options(temp, top_p, top_k, min_p, presence_penalty, repetition_penalty, seed)
     check_generation(max_tokens, thinking_budget, prefill_step, **options)
     check_threads(threads)
-    grouping = self_extend_option(self_extend)
+    attention = attention_options(self_extend, dual_chunk)
     model_dir, tokenizer = open_model(model)
     with console.status(f"loading {model_dir}"):
-        llm = load_weights(model_dir, threads, memory_check, max_kv_size, grouping, kv_bits=kv_bits,
+        llm = load_weights(model_dir, threads, memory_check, max_kv_size, attention, kv_bits=kv_bits,
                            context_option="--max-kv-size", kv_bits_option=True)
     session = ChatSession(llm, tokenizer, system=system, thinking=think, max_kv_size=max_kv_size, kv_bits=kv_bits,
                           max_tokens=max_tokens, thinking_budget=thinking_budget, prefill_step=prefill_step, **options)
@@ -678,6 +687,7 @@ def summarize(
     threads: int = THREADS_OPTION,
     memory_check: bool = MEMORY_CHECK_OPTION,
     self_extend: str = SELF_EXTEND_OPTION,
+    dual_chunk: bool = DUAL_CHUNK_OPTION,
 ):
     """Summarise a file of any length: in one pass, with YaRN when needed, or in parts (map-reduce)."""
     import json
@@ -692,7 +702,7 @@ def summarize(
     options = SummaryOptions(style=style, lang=lang, max_tokens=max_tokens, think=think)
     options.check()
     check_threads(threads)
-    grouping = self_extend_option(self_extend)
+    attention = attention_options(self_extend, dual_chunk)
     if out is not None:
         inputs = {"document": Path(file)} if file != "-" else {}
         if Path(model).expanduser().exists():
@@ -704,7 +714,7 @@ def summarize(
     model_dir, tokenizer = open_model(model)
     with stderr.status(f"loading {model_dir}", spinner="dots") if not json_output else nullcontext():
         # At least the answer must fit; the strategy then fits the document into what is left, in parts if need be.
-        llm = load_weights(model_dir, threads, memory_check, max_tokens * (2 if think else 1), grouping,
+        llm = load_weights(model_dir, threads, memory_check, max_tokens * (2 if think else 1), attention,
                            context_option="--max-tokens")
     progress = None if json_output else SummaryBars()
     try:

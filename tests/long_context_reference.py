@@ -78,6 +78,73 @@ def self_extend_attention(q, k, v, theta: float, scale: float, group_size: int, 
     return softmax(scores) @ v
 
 
+def dual_chunk_attention(q, k, v, theta: float, scale: float, chunk_size: int, local_size: int,
+                         original_max_position_embeddings: int, prompt_length: int | None = None) -> np.ndarray:
+    """Dual chunk attention as vLLM runs it: a prompt's prefill, then each later token's decode step.
+
+    Source: vllm-project/vllm, vllm/model_executor/layers/rotary_embedding/dual_chunk_rope.py
+    (DualChunkRotaryEmbedding: q_t, qc_t clamped to chunk_size, k_t = position % chunk_len, and query_inter
+    at qc_t[chunk_len - 1]) and vllm/attention/backends/dual_chunk_flash_attn.py
+    (DualChunkFlashAttentionImpl: scaling_factor = clip(0.1 ln(orig_seq_len / original_max_position_embeddings)
+    + 1, min=1) with orig_seq_len = max(prompt_len, seq_len); each token's key multiplied by the factor of
+    the step that stored it; the prefill's softmax scale and a decode step's query by the factor of their
+    step; _dual_chunk_flash_attn_prefill_func's walk over chunks with its intra (causal), succ and inter
+    (non-causal) flash attentions; _merge_attn_outputs' log-sum-exp merge). Per query head, as its non-sparse
+    path. Rows past prompt_length (default: all rows are the prompt) are decode steps: a decode step's
+    intra/succ/inter split of the cache (seq_lens_intra, _succ, _inter) is its row's split here, and with
+    causal attention its output is its row's.
+    """
+    L = q.shape[2]
+    chunk_len = chunk_size - local_size
+    positions = np.arange(L)
+    key = rope(k, positions % chunk_len, theta)
+    query = rope(q, positions % chunk_len, theta)
+    query_succ = rope(q, np.minimum(positions % chunk_len + chunk_len, chunk_size), theta)
+    query_inter = rope(q, np.full(L, min(chunk_len - 1 + chunk_len, chunk_size)), theta)
+    if original_max_position_embeddings > 0:
+        orig_seq_len = np.maximum(prompt_length or L, positions + 1)
+        scaling_factor = np.maximum(0.1 * np.log(orig_seq_len / original_max_position_embeddings) + 1.0, 1.0)
+        key = key * scaling_factor[:, None]
+        query, query_succ, query_inter = (x * scaling_factor[:, None] for x in (query, query_succ, query_inter))
+
+    def flash_attn(q_part, k_part, v_part, causal):
+        """(output, log-sum-exp) of one head; causal aligned to the bottom right, as flash-attn's."""
+        scores = q_part @ k_part.T * scale
+        if causal:
+            n_q, n_k = scores.shape
+            scores = np.where(np.arange(n_k)[None] <= np.arange(n_k - n_q, n_k)[:, None], scores, -np.inf)
+        lse = np.log(np.exp(scores - scores.max(-1, keepdims=True)).sum(-1)) + scores.max(-1)
+        return softmax(scores) @ v_part, lse
+
+    def merge(results):
+        outputs = np.stack([r[0] for r in results])
+        lse = np.stack([r[1] for r in results])
+        weights = np.exp(lse - lse.max(0))
+        weights /= weights.sum(0)
+        return (outputs * weights[..., None]).sum(0)
+
+    group = q.shape[1] // k.shape[1]
+    out = np.zeros_like(q)
+    for head in range(q.shape[1]):
+        k_head, v_head = key[0, head // group], v[0, head // group]
+        begin, rows = 0, []
+        while begin < L:
+            prev_chunk_end_pos = (begin // chunk_len) * chunk_len
+            end = min(prev_chunk_end_pos + chunk_len, L)
+            results = [flash_attn(query[0, head, begin:end], k_head[prev_chunk_end_pos:end],
+                                  v_head[prev_chunk_end_pos:end], causal=True)]
+            if prev_chunk_end_pos - chunk_len >= 0:
+                previous = slice(prev_chunk_end_pos - chunk_len, prev_chunk_end_pos)
+                results.append(flash_attn(query_succ[0, head, begin:end], k_head[previous], v_head[previous], False))
+            if prev_chunk_end_pos - chunk_len * 2 >= 0:
+                earlier = slice(0, prev_chunk_end_pos - chunk_len)
+                results.append(flash_attn(query_inter[0, head, begin:end], k_head[earlier], v_head[earlier], False))
+            rows.append(merge(results))
+            begin = end
+        out[0, head] = np.concatenate(rows)
+    return out
+
+
 def reference_logits(model_dir, tokens: np.ndarray, attention) -> np.ndarray:
     """Logits of transformers' model with RoPE left out and attention(q, k, v, scale) (numpy) in its place."""
     from transformers import AutoModelForCausalLM

@@ -6,11 +6,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from qwenmlx.attention import DualChunkAttention
 from qwenmlx.cache import make_cache
 from qwenmlx.checkpoint import load_model
+from qwenmlx.config import QWEN_DUAL_CHUNK
 from qwenmlx.errors import QwenMLXError
 from tests import long_context_reference as ref
-from tests.checkpoints import MODEL_VARIANTS
+from tests.checkpoints import MODEL_VARIANTS, checkpoint_variant
 
 LOGITS_ATOL = 1e-4  # float32 on both sides; what is left is summation order
 PROMPT_LEN = 96  # six windows of 16
@@ -93,8 +95,12 @@ def test_self_extend_cache_holds_unrotated_keys_and_refuses_to_rotate(moe_dir):
         make_cache(model, max_kv_size=64)
 
 
-def test_self_extend_attention_over_an_8_bit_cache_stays_near_the_float_cache(moe_dir):
-    model, _ = load_model(moe_dir, self_extend={"group_size": 4, "window": 16})
+@pytest.mark.parametrize("method", ["self_extend", "dual_chunk"])
+def test_attention_past_the_window_over_an_8_bit_cache_stays_near_the_float_cache(moe_dir, dual_chunk_dir, method):
+    if method == "self_extend":
+        model, _ = load_model(moe_dir, self_extend={"group_size": 4, "window": 16})
+    else:
+        model, _ = load_model(dual_chunk_dir("moe"))
     attention = model.layers[0].self_attn
     x = mx.random.normal((1, PROMPT_LEN, MODEL_VARIANTS["moe"]["hidden_size"]), key=mx.random.key(0))
     exact = np.array(attention(x, make_cache(model)[0]))
@@ -123,3 +129,124 @@ def test_generate_with_self_extend_answers_as_the_library_model_does(moe_dir):
     tokens = tokenizer.apply_chat_template(prompt_messages("hi"), enable_thinking=False, tokenize=True)
     expected = "".join(step.text for step in stream_generate(model, tokenizer, tokens, sampling=GREEDY, max_tokens=5))
     assert result.stdout == expected + "\n"
+
+
+# Dual chunk attention on the tiny models: chunks of 16 (chunk_size 24, local_size 8), scaled past 32 tokens.
+DUAL_CHUNK = {"chunk_size": 24, "local_size": 8, "original_max_position_embeddings": 32}
+
+
+def dual_chunk_reference(q, k, v, scale, *, theta, prompt_length=None):
+    return ref.dual_chunk_attention(q, k, v, theta, scale, DUAL_CHUNK["chunk_size"], DUAL_CHUNK["local_size"],
+                                    DUAL_CHUNK["original_max_position_embeddings"], prompt_length)
+
+
+def test_dual_chunk_reference_is_plain_causal_rope_attention_within_one_chunk_and_the_trained_length():
+    q, k, v = random_qkv(40)
+    plain = ref.causal_rope_attention(q, k, v, THETA, 32**-0.5)
+    np.testing.assert_allclose(ref.dual_chunk_attention(q, k, v, THETA, 32**-0.5, 48, 8, 64), plain, atol=1e-12)
+
+
+def test_dual_chunk_reference_keeps_the_first_chunk_and_changes_the_rest():
+    q, k, v = random_qkv(40)
+    plain = ref.causal_rope_attention(q, k, v, THETA, 32**-0.5)
+    chunked = ref.dual_chunk_attention(q, k, v, THETA, 32**-0.5, 24, 8, 0)
+    np.testing.assert_allclose(chunked[:, :, :16], plain[:, :, :16], atol=1e-12)
+    assert np.abs(chunked[:, :, 16:] - plain[:, :, 16:]).max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def dual_chunk_dir(checkpoint_dir, tmp_path_factory):
+    """variant -> a copy of the tiny checkpoint whose config.json carries DUAL_CHUNK, as Qwen's config_1m.json does."""
+    dirs = {}
+
+    def get(variant: str):
+        if variant not in dirs:
+            dirs[variant] = checkpoint_variant(checkpoint_dir(variant), tmp_path_factory.mktemp(variant) / "model",
+                                               {"config.json": {"dual_chunk_attention_config": DUAL_CHUNK}})
+        return dirs[variant]
+
+    return get
+
+
+def dual_chunk_logits(model_dir, tokens, variant, prompt_length=None):
+    attention = partial(dual_chunk_reference, theta=MODEL_VARIANTS[variant]["rope_theta"], prompt_length=prompt_length)
+    return ref.reference_logits(model_dir, tokens, attention)
+
+
+@pytest.mark.parametrize("variant", ["moe", "dense"])
+def test_dual_chunk_prefill_matches_vllm_reference(dual_chunk_dir, variant):
+    model_dir = dual_chunk_dir(variant)
+    model, _ = load_model(model_dir)
+    np.testing.assert_allclose(np.array(model(mx.array(prompt()))), dual_chunk_logits(model_dir, prompt(), variant),
+                               atol=LOGITS_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["moe", "dense"])
+def test_dual_chunk_chunked_prefill_and_cached_decode_match_vllm_reference(dual_chunk_dir, variant):
+    model_dir = dual_chunk_dir(variant)
+    model, _ = load_model(model_dir)
+    tokens, prompt_len, cache = prompt(), 80, make_cache(model)
+    for c in cache:
+        c.prompt_end = prompt_len  # what generate sets before its chunked prefill
+    steps = [np.array(model(mx.array(tokens[:, :30]), cache)), np.array(model(mx.array(tokens[:, 30:prompt_len]), cache))]
+    for t in range(prompt_len, tokens.shape[1]):
+        steps.append(np.array(model(mx.array(tokens[:, t : t + 1]), cache)))
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), dual_chunk_logits(model_dir, tokens, variant, prompt_len),
+                               atol=LOGITS_ATOL, rtol=0)
+
+
+def test_dual_chunk_cache_holds_unrotated_keys_and_refuses_to_rotate(dual_chunk_dir):
+    model, _ = load_model(dual_chunk_dir("moe"))
+    assert all(not c.rotated_keys for c in make_cache(model))
+    with pytest.raises(QwenMLXError, match="--max-kv-size"):
+        make_cache(model, max_kv_size=64)
+
+
+@pytest.mark.parametrize("section, says", [
+    ({"chunk_size": 8, "local_size": 8, "original_max_position_embeddings": 32}, "chunk_size > local_size"),
+    ({"chunk_size": 24, "original_max_position_embeddings": 32}, "needs whole numbers"),
+    ([24, 8], "must be an object"),
+])
+def test_a_bad_dual_chunk_attention_config_names_the_field(moe_dir, tmp_path, section, says):
+    model_dir = checkpoint_variant(moe_dir, tmp_path / "model", {"config.json": {"dual_chunk_attention_config": section}})
+    with pytest.raises(QwenMLXError, match=f"dual_chunk_attention_config.*{says}"):
+        load_model(model_dir)
+
+
+def test_dual_chunk_attention_and_yarn_together_are_refused(moe_dir, tmp_path):
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}
+    model_dir = checkpoint_variant(moe_dir, tmp_path / "model", {"config.json": {
+        "dual_chunk_attention_config": DUAL_CHUNK, "rope_scaling": yarn}})
+    with pytest.raises(QwenMLXError, match="rope_scaling"):
+        load_model(model_dir)
+
+
+def test_generate_scales_every_prefill_chunk_by_the_whole_prompt(dual_chunk_dir):
+    from qwenmlx.generate import generate_tokens
+
+    model, _ = load_model(dual_chunk_dir("moe"))
+    tokens = prompt()[0].tolist()
+
+    def first_logprobs(prefill_step: int) -> np.ndarray:
+        logprobs = []
+        next(generate_tokens(model, tokens, max_tokens=1, prefill_step=prefill_step, logprobs=logprobs))
+        return np.array(logprobs[0])
+
+    np.testing.assert_allclose(first_logprobs(16), first_logprobs(len(tokens)), atol=LOGITS_ATOL, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def model_2507_dir(checkpoint_dir, tmp_path_factory):
+    """The tiny MoE checkpoint with the 2507 models' window: 262,144 positions, theta 10,000,000."""
+    return checkpoint_variant(checkpoint_dir("moe"), tmp_path_factory.mktemp("2507") / "model",
+                              {"config.json": {"max_position_embeddings": 262144, "rope_theta": 10_000_000.0}})
+
+
+def test_dual_chunk_on_a_2507_model_applies_qwens_1m_settings_and_is_plain_attention_within_a_chunk(model_2507_dir):
+    plain, _ = load_model(model_2507_dir)
+    model, _ = load_model(model_2507_dir, dual_chunk=True)
+    assert model.config.dual_chunk_attention_config == QWEN_DUAL_CHUNK
+    assert model.config.max_position_embeddings == 1010000
+    assert isinstance(model.layers[0].self_attn, DualChunkAttention)
+    tokens = mx.array(prompt())
+    np.testing.assert_allclose(np.array(model(tokens)), np.array(plain(tokens)), atol=LOGITS_ATOL, rtol=0)
