@@ -647,6 +647,8 @@ def _closing_line(summary) -> str:
     yarn = f"YaRN factor {summary.yarn_factor}" if summary.yarn_factor else "no YaRN"
     if summary.plans[-1].self_extend:
         yarn = "SelfExtend group {group_size}, window {window}".format(**summary.plans[-1].self_extend)
+    elif summary.plans[-1].dual_chunk_context:
+        yarn = "dual chunk attention"
     return (
         f"{strategy} · {yarn} · {summary.document_tokens:,} document tokens · final prompt {final.prompt_tokens:,} · "
         f"{summary.generated_tokens:,} generated · tokenise {s['tokenize']:.2f} s · prefill {s['prefill']:.2f} s · "
@@ -689,14 +691,15 @@ def summarize(
     self_extend: str = SELF_EXTEND_OPTION,
     dual_chunk: bool = DUAL_CHUNK_OPTION,
 ):
-    """Summarise a file of any length: in one pass, with YaRN when needed, or in parts (map-reduce)."""
+    """Summarise a file of any length: in one pass (with YaRN or dual chunk attention when needed) or in parts."""
     import json
     from contextlib import nullcontext
     from pathlib import Path
 
+    from .config import read_config
     from .destinations import check_output_file, write_text_atomically
     from .documents import read_document
-    from .summarize import SummaryOptions
+    from .summarize import SummaryOptions, needs_dual_chunk
     from .summarize import summarize as summarize_document
 
     options = SummaryOptions(style=style, lang=lang, max_tokens=max_tokens, think=think)
@@ -712,6 +715,8 @@ def summarize(
     if document.note and not json_output:
         stderr.print(f"[yellow]note:[/yellow] {document.note}", highlight=False, soft_wrap=True)
     model_dir, tokenizer = open_model(model)
+    if attention["self_extend"] is None and needs_dual_chunk(read_config(model_dir), tokenizer, document.text, options):
+        attention["dual_chunk"] = True
     with stderr.status(f"loading {model_dir}", spinner="dots") if not json_output else nullcontext():
         # At least the answer must fit; the strategy then fits the document into what is left, in parts if need be.
         llm = load_weights(model_dir, threads, memory_check, max_tokens * (2 if think else 1), attention,

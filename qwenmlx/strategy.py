@@ -5,7 +5,9 @@ Qwen's guidance: Qwen3 handles 32,768 tokens natively; YaRN stretches that by it
 with the smallest factor that is enough. Memory is checked too: the weights plus the KV cache at that
 length, trying an 8-bit KV cache (about half the size) before giving up on a single pass. Whatever fits
 in neither is summarised in parts (map-reduce, in summarize.py). A model loaded with SelfExtend (asked for
-by the user, never chosen here) reads its own longer window instead of YaRN.
+by the user, never chosen here) reads its own longer window instead of YaRN. The 2507 models (262,144
+native tokens) go past their window with dual chunk attention, Qwen's way for them, up to the 1,010,000
+positions of Qwen's config_1m.json, never with YaRN.
 
 Every number comes in through Limits, so the boundaries are testable on a tiny model.
 """
@@ -17,10 +19,12 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .cache import KVCache, kv_cache_bytes, kv_elements_per_token, kv_group_size
+from .config import QWEN_1M_POSITIONS, QWEN_DUAL_CHUNK
 from .errors import QwenMLXError
 from .generate import available_memory
 
-SINGLE_PASS, YARN, SELF_EXTEND, MAP_REDUCE = "single pass", "YaRN", "SelfExtend", "map-reduce"
+SINGLE_PASS, YARN, SELF_EXTEND, DUAL_CHUNK, MAP_REDUCE = (
+    "single pass", "YaRN", "SelfExtend", "dual chunk attention", "map-reduce")
 MAX_YARN_FACTOR = 4  # Qwen validates YaRN up to 131,072 tokens, factor 4 on 32,768
 # Qwen3's config.json declares 40,960 positions, but Qwen documents 32,768 as the native context: the YaRN base.
 DOCUMENTED_NATIVE_CONTEXT = {40960: 32768}
@@ -28,8 +32,9 @@ KV_CACHE_BITS = (None, 8)  # full precision first; an 8-bit cache when that is w
 
 
 def native_context(config) -> int:
-    """The context the model handles without YaRN: the YaRN base if the config names one."""
-    original = (config.rope_scaling or {}).get("original_max_position_embeddings")
+    """The context the model handles without YaRN: the YaRN or dual chunk base if the config names one."""
+    original = (config.rope_scaling or config.dual_chunk_attention_config or {}).get(
+        "original_max_position_embeddings")
     if original:
         return int(original)
     return DOCUMENTED_NATIVE_CONTEXT.get(config.max_position_embeddings, config.max_position_embeddings)
@@ -61,6 +66,7 @@ class Limits:
     kv_dtype_bytes: int  # an unquantized cache stores the compute dtype
     kv_group_size: int | None  # None: this head_dim cannot have a quantized cache
     self_extend: dict | None = None  # the model's SelfExtend settings, when loaded with them
+    dual_chunk_context: int | None = None  # the positions dual chunk attention reads, when the model has it on
 
     def kv_cache_bytes(self, tokens: int, kv_bits: int | None = None) -> int:
         return kv_cache_bytes(self.kv_elements_per_token, tokens, kv_bits, self.kv_dtype_bytes, self.kv_group_size)
@@ -106,6 +112,7 @@ def config_limits(config, weights_bytes: int, dtype_bytes: int, memory_budget: i
         kv_dtype_bytes=dtype_bytes,
         kv_group_size=group_size,
         self_extend=config.self_extend,
+        dual_chunk_context=config.max_position_embeddings if config.dual_chunk_attention_config else None,
     )
 
 
@@ -122,13 +129,24 @@ class Plan:
     memory_needed: int = 0  # bytes: weights + KV cache at prompt + answer tokens
     memory_budget: int = 0
     self_extend: dict | None = None  # the loaded model's SelfExtend settings (no YaRN then)
+    dual_chunk_context: int | None = None  # the loaded model's dual chunk attention reach (no YaRN then)
+    fits_tokens: int = 0  # the most tokens memory holds, with the smallest KV cache on offer
 
     @property
     def longest(self) -> int:
-        """The most tokens one generation may hold: SelfExtend's window, or the largest YaRN factor's."""
+        """The most tokens one generation may hold: SelfExtend's or dual chunk attention's reach, or YaRN's."""
         if self.self_extend:
             return self_extend_context(self.native_context, self.self_extend)
+        if self.dual_chunk_context:
+            return self.dual_chunk_context
+        if self.is_2507:
+            return self.native_context  # Qwen takes these past their window with dual chunk attention, not YaRN
         return self.native_context * MAX_YARN_FACTOR
+
+    @property
+    def is_2507(self) -> bool:
+        """A model trained on the 262,144 positions of the 2507 models."""
+        return self.native_context >= QWEN_DUAL_CHUNK["original_max_position_embeddings"]
 
     @property
     def context_tokens(self) -> int:
@@ -149,10 +167,21 @@ class Plan:
             grouping = f"group {self.self_extend['group_size']}, window {self.self_extend['window']:,}"
             return (f"SelfExtend ({grouping}, as asked): {tokens} exceed the native {self.native_context:,} "
                     f"but fit its {self.longest:,} ({memory}{kv})")
+        if self.strategy == DUAL_CHUNK:
+            return (f"dual chunk attention (Qwen's way past the window of the 2507 models): {tokens} exceed the "
+                    f"native {self.native_context:,} but fit its {self.longest:,} ({memory}{kv})")
         if self.context_tokens > self.longest:
-            most = "SelfExtend's window" if self.self_extend else f"the most YaRN factor {MAX_YARN_FACTOR} allows"
+            if self.self_extend:
+                most = "SelfExtend's window"
+            elif self.dual_chunk_context:
+                most = "dual chunk attention's reach"
+            elif self.is_2507:
+                most = f"the native window (dual chunk attention, --dual-chunk, reads {QWEN_1M_POSITIONS:,})"
+            else:
+                most = f"the most YaRN factor {MAX_YARN_FACTOR} allows"
             return f"map-reduce: {tokens} exceed {self.longest:,}, {most}"
-        return f"map-reduce: {tokens} need {memory}, even with an 8-bit KV cache"
+        return (f"map-reduce: {tokens} need {memory}, even with an 8-bit KV cache; "
+                f"{self.fits_tokens:,} tokens fit in this memory")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "context_tokens": self.context_tokens, "description": self.describe()}
@@ -160,11 +189,12 @@ class Plan:
 
 def choose_strategy(prompt_tokens: int, answer_tokens: int, limits: Limits) -> Plan:
     """The first that fits: native window, then the smallest YaRN factor (or, on a model loaded with
-    SelfExtend, its window); full-precision KV, then 8-bit."""
+    SelfExtend or dual chunk attention, their reach); full-precision KV, then 8-bit."""
     context = prompt_tokens + answer_tokens
     factor = max(1, math.ceil(context / limits.native_context))
     plan = Plan(MAP_REDUCE, prompt_tokens, answer_tokens, limits.native_context, memory_budget=limits.memory_budget,
-                self_extend=limits.self_extend)
+                self_extend=limits.self_extend, dual_chunk_context=limits.dual_chunk_context,
+                fits_tokens=limits.longest_context())
     if context > plan.longest:
         return plan
     for kv_bits in limits.kv_bits_options():
@@ -174,6 +204,8 @@ def choose_strategy(prompt_tokens: int, answer_tokens: int, limits: Limits) -> P
                 plan.strategy = SINGLE_PASS
             elif limits.self_extend:
                 plan.strategy = SELF_EXTEND
+            elif limits.dual_chunk_context:
+                plan.strategy = DUAL_CHUNK
             else:
                 plan.strategy, plan.yarn_factor = YARN, factor
             return plan

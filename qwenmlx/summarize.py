@@ -16,11 +16,12 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 from .cache import make_cache
+from .config import QWEN_DUAL_CHUNK, ModelConfig
 from .documents import Document
 from .errors import QwenMLXError
 from .generate import THINKING_BUDGET_TEXT, Stats, Step, default_sampling, stream_generate
 from .splitting import split_text
-from .strategy import MAP_REDUCE, Limits, Plan, choose_strategy, limits_for, yarn_scaling
+from .strategy import MAP_REDUCE, Limits, Plan, choose_strategy, limits_for, native_context, yarn_scaling
 from .token_counts import TokenCounts
 
 STYLES = {
@@ -178,6 +179,21 @@ def rope_for(model, plan: Plan):
         yield
     finally:
         model.set_rope_scaling(saved)
+
+
+def needs_dual_chunk(config: ModelConfig, tokenizer, text: str, options: SummaryOptions) -> bool:
+    """Whether a 2507 model should be loaded with dual chunk attention for this text (Qwen's way past its
+    262,144-token window): the text and the room for the answer and the thinking exceed the window.
+
+    The attention is chosen at load, so this is asked before loading. A text with fewer bytes than the
+    room is decided without tokenising it (a token is at least a byte).
+    """
+    native = native_context(config)
+    if config.dual_chunk_attention_config or native < QWEN_DUAL_CHUNK["original_max_position_embeddings"]:
+        return False
+    room = native - options.max_tokens * (2 if options.think else 1)
+    text = text.strip()
+    return len(text.encode()) > room and TokenCounts(tokenizer, text).total > room
 
 
 class Summarizer:
