@@ -85,7 +85,8 @@ class ChatSession:
             reused = self._reuse_cache(prompt)
             turn.reused_tokens, turn.prefilled_tokens = reused, len(prompt) - reused
             evicted_before = self.cache[0].evicted
-            sampling = default_sampling(self.thinking, self.tokenizer.generation_config, **self.sampling_overrides)
+            sampling = default_sampling(self.tokenizer.thinks(self.thinking), self.tokenizer.generation_config,
+                                        **self.sampling_overrides)
             steps = stream_generate(self.model, self.tokenizer, prompt[reused:], cache=self.cache,
                                     sampling=sampling, max_tokens=self.max_tokens,
                                     thinking_budget=self.thinking_budget, prefill_step=self.prefill_step)

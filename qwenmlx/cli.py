@@ -188,7 +188,7 @@ def generate(prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt,
     tokens = tokenizer.apply_chat_template(messages, enable_thinking=think, tokenize=True)
     llm = load_weights(model_dir, threads, memory_check, len(tokens) + max_tokens, attention,
                        prompt_tokens=len(tokens), context_option="--max-tokens")
-    sampling = default_sampling(think, tokenizer.generation_config, **options)
+    sampling = default_sampling(tokenizer.thinks(think), tokenizer.generation_config, **options)
     pieces, stats = [], None
     for step in stream_generate(llm, tokenizer, tokens, sampling=sampling, max_tokens=max_tokens,
                                 thinking_budget=thinking_budget, prefill_step=prefill_step):
