@@ -138,13 +138,31 @@ class SelfExtendAttention(Attention):
             cache.store(keys, values)
             keys, values = cache.keys_and_values()
         G, W = self.group_size, self.window
-        query_pos, key_pos = mx.arange(offset, offset + q.shape[2]), mx.arange(keys.shape[2])
-        near = grouped_scores(self.rope.at(q, query_pos), self.rope.at(keys, key_pos), self.scale)
-        far = grouped_scores(self.rope.at(q, query_pos // G + W - W // G), self.rope.at(keys, key_pos // G),
-                             self.scale)
-        distance = query_pos[:, None] - key_pos[None]
-        scores = mx.where(distance < W, near, far)
-        return softmax_values(mx.where(distance >= 0, scores, -mx.inf), values)
+        key_pos = mx.arange(keys.shape[2])
+        near_keys, far_keys = self.rope.at(keys, key_pos), self.rope.at(keys, key_pos // G)
+
+        def attend_rows(q: mx.array, query_pos: mx.array) -> mx.array:
+            near = grouped_scores(self.rope.at(q, query_pos), near_keys, self.scale)
+            far = grouped_scores(self.rope.at(q, query_pos // G + W - W // G), far_keys, self.scale)
+            distance = query_pos[:, None] - key_pos[None]
+            scores = mx.where(distance < W, near, far)
+            return softmax_values(mx.where(distance >= 0, scores, -mx.inf), values)
+
+        return in_query_blocks(q, offset, keys.shape[2], attend_rows)
+
+
+# Queries are attended in blocks whose score maps (several float32 copies) stay within about this many bytes.
+SCORE_BLOCK_BYTES = 256 * 2**20
+
+
+def in_query_blocks(q: mx.array, offset: int, n_keys: int, attend_rows) -> mx.array:
+    """attend_rows(query rows, their positions) over blocks of rows, so that memory stays bounded in a prefill
+    however long the context: the variants compute their score maps in full, not in a fused kernel."""
+    B, n_heads, L, _ = q.shape
+    rows = max(1, SCORE_BLOCK_BYTES // (4 * 4 * B * n_heads * n_keys))
+    blocks = [attend_rows(q[:, :, a : a + rows], mx.arange(offset + a, offset + min(a + rows, L)))
+              for a in range(0, L, rows)]
+    return blocks[0] if len(blocks) == 1 else mx.concatenate(blocks, axis=2)
 
 
 def grouped_scores(q: mx.array, k: mx.array, scale: float) -> mx.array:
@@ -203,16 +221,20 @@ class DualChunkAttention(Attention):
             keys, values = cache.keys_and_values()
         chunk_len, chunk_size = self.chunk_len, self.chunk_size
         scale = self.scale * length_scale
-        query_pos, key_pos = mx.arange(offset, offset + q.shape[2]), mx.arange(keys.shape[2])
+        key_pos = mx.arange(keys.shape[2])
         keys = self.rope.at(keys, key_pos % chunk_len)
-        within = query_pos % chunk_len
-        intra = grouped_scores(self.rope.at(q, within), keys, scale)
-        succ = grouped_scores(self.rope.at(q, mx.minimum(within + chunk_len, chunk_size)), keys, scale)
-        far = mx.full(within.shape, min(2 * chunk_len - 1, chunk_size))
-        inter = grouped_scores(self.rope.at(q, far), keys, scale)
-        chunks_back = query_pos[:, None] // chunk_len - key_pos[None] // chunk_len
-        scores = mx.where(chunks_back == 0, intra, mx.where(chunks_back == 1, succ, inter))
-        return softmax_values(mx.where(key_pos[None] <= query_pos[:, None], scores, -mx.inf), values)
+
+        def attend_rows(q: mx.array, query_pos: mx.array) -> mx.array:
+            within = query_pos % chunk_len
+            intra = grouped_scores(self.rope.at(q, within), keys, scale)
+            succ = grouped_scores(self.rope.at(q, mx.minimum(within + chunk_len, chunk_size)), keys, scale)
+            far = mx.full(within.shape, min(2 * chunk_len - 1, chunk_size))
+            inter = grouped_scores(self.rope.at(q, far), keys, scale)
+            chunks_back = query_pos[:, None] // chunk_len - key_pos[None] // chunk_len
+            scores = mx.where(chunks_back == 0, intra, mx.where(chunks_back == 1, succ, inter))
+            return softmax_values(mx.where(key_pos[None] <= query_pos[:, None], scores, -mx.inf), values)
+
+        return in_query_blocks(q, offset, keys.shape[2], attend_rows)
 
 
 def make_attention(config: ModelConfig, layer_idx: int) -> Attention:

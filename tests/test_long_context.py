@@ -250,3 +250,17 @@ def test_dual_chunk_on_a_2507_model_applies_qwens_1m_settings_and_is_plain_atten
     assert isinstance(model.layers[0].self_attn, DualChunkAttention)
     tokens = mx.array(prompt())
     np.testing.assert_allclose(np.array(model(tokens)), np.array(plain(tokens)), atol=LOGITS_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["self_extend", "dual_chunk"])
+def test_attending_the_queries_in_small_blocks_changes_nothing(moe_dir, dual_chunk_dir, method, monkeypatch):
+    import qwenmlx.attention
+
+    if method == "self_extend":
+        model, _ = load_model(moe_dir, self_extend={"group_size": 4, "window": 16})
+    else:
+        model, _ = load_model(dual_chunk_dir("moe"))
+    tokens = mx.array(prompt())
+    whole = np.array(model(tokens))
+    monkeypatch.setattr(qwenmlx.attention, "SCORE_BLOCK_BYTES", 4 * 4 * 4 * PROMPT_LEN * 7)  # 7 rows a block
+    np.testing.assert_allclose(np.array(model(tokens)), whole, atol=1e-5, rtol=0)
