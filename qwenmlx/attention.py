@@ -7,8 +7,8 @@ Every variant takes the same call, attention(x, cache), so the model never asks 
 - DualChunkAttention: Qwen's dual chunk attention, as vLLM runs it (config.dual_chunk_attention_config,
   from Qwen's config_1m.json or load(path, dual_chunk=True)).
 
-A variant that places tokens at positions other than their index keeps *unrotated* keys in its cache and
-rotates them per query region at each step; make_cache asks `rotated_keys` to know which cache to build.
+A variant that places keys at positions other than their index keeps them in its cache as it places them
+(rotated_keys False), which the rotating cache, re-rotating keys by index as it evicts, cannot hold.
 """
 
 import math
@@ -122,31 +122,39 @@ class SelfExtendAttention(Attention):
     A query at i and a key at j with i - j < window use positions i and j; any other pair uses
     i // group + window - window // group and j // group. Both score maps are merged by that rule, then
     one softmax. The distances the model sees stay within what it was trained on for ~group times longer texts.
+
+    The cache holds keys at their grouped position j // group, which never changes; only the keys within
+    the window of the queries at hand are turned on to their own position j, so a step's extra work is
+    bounded by the window, not the context.
     """
 
-    rotated_keys = False
+    rotated_keys = False  # rotated at their grouped position, not at their index
 
     def __init__(self, c: ModelConfig, group_size: int, window: int):
         super().__init__(c)
         self.group_size, self.window = group_size, window
 
     def attend(self, qk: mx.array, v: mx.array, cache: Any | None) -> mx.array:
+        G, W = self.group_size, self.window
         q, keys, values = qk[:, : self.n_heads], qk[:, self.n_heads :], v
-        offset = 0
+        offset = 0 if cache is None else cache.offset
+        keys = self.rope.at(keys, mx.arange(offset, offset + q.shape[2]) // G)
         if cache is not None:
-            offset = cache.offset
             cache.store(keys, values)
             keys, values = cache.keys_and_values()
-        G, W = self.group_size, self.window
-        key_pos = mx.arange(keys.shape[2])
-        near_keys, far_keys = self.rope.at(keys, key_pos), self.rope.at(keys, key_pos // G)
 
-        def attend_rows(q: mx.array, query_pos: mx.array) -> mx.array:
+        def attend_rows(q: mx.array, start: int, end: int) -> mx.array:
+            """Rows [start, end): grouped positions against every key, exact ones against the window's keys."""
+            query_pos = mx.arange(start, end)
+            far = grouped_scores(self.rope.at(q, query_pos // G + W - W // G), keys[:, :, :end], self.scale)
+            near_start = max(0, start - W + 1)
+            near_pos = mx.arange(near_start, end)
+            near_keys = self.rope.at(keys[:, :, near_start:end], near_pos - near_pos // G)  # j // G -> j
             near = grouped_scores(self.rope.at(q, query_pos), near_keys, self.scale)
-            far = grouped_scores(self.rope.at(q, query_pos // G + W - W // G), far_keys, self.scale)
-            distance = query_pos[:, None] - key_pos[None]
-            scores = mx.where(distance < W, near, far)
-            return softmax_values(mx.where(distance >= 0, scores, -mx.inf), values)
+            distance = query_pos[:, None] - near_pos[None]
+            window = mx.where(distance < W, near, far[..., near_start:])
+            window = mx.where(distance >= 0, window, -mx.inf)
+            return softmax_values(mx.concatenate([far[..., :near_start], window], axis=-1), values[:, :, :end])
 
         return in_query_blocks(q, offset, keys.shape[2], attend_rows)
 
@@ -155,13 +163,19 @@ class SelfExtendAttention(Attention):
 SCORE_BLOCK_BYTES = 256 * 2**20
 
 
-def in_query_blocks(q: mx.array, offset: int, n_keys: int, attend_rows) -> mx.array:
-    """attend_rows(query rows, their positions) over blocks of rows, so that memory stays bounded in a prefill
-    however long the context: the variants compute their score maps in full, not in a fused kernel."""
+def in_query_blocks(q: mx.array, offset: int, n_keys: int, attend_rows, align: int | None = None) -> mx.array:
+    """attend_rows(query rows, their first and end positions) over blocks of rows, so that memory stays bounded
+    in a prefill however long the context (the variants compute their score maps in full, not in a fused
+    kernel). align: no block crosses a multiple of it."""
     B, n_heads, L, _ = q.shape
     rows = max(1, SCORE_BLOCK_BYTES // (4 * 4 * B * n_heads * n_keys))
-    blocks = [attend_rows(q[:, :, a : a + rows], mx.arange(offset + a, offset + min(a + rows, L)))
-              for a in range(0, L, rows)]
+    blocks, start = [], offset
+    while start < offset + L:
+        end = min(start + rows, offset + L)
+        if align:
+            end = min(end, (start // align + 1) * align)
+        blocks.append(attend_rows(q[:, :, start - offset : end - offset], start, end))
+        start = end
     return blocks[0] if len(blocks) == 1 else mx.concatenate(blocks, axis=2)
 
 
@@ -193,9 +207,12 @@ class DualChunkAttention(Attention):
     multiplies each key as it is stored and each query, with L the whole prompt's length in prefill (also
     chunk by chunk) and the sequence's length at a decode step: a decoded token's query and key take the s
     of its step, and the prompt's keys keep theirs (vLLM's rule, kept here).
+
+    A key's place never changes, so the cache holds keys rotated (and scaled) as they are used; within the
+    first chunk (253,952 tokens with Qwen's values) it is ordinary attention, through the fused kernel.
     """
 
-    rotated_keys = False
+    rotated_keys = False  # rotated within their chunk, not at their index
 
     def __init__(self, c: ModelConfig, chunk_size: int, local_size: int, original_max_position_embeddings: int):
         super().__init__(c)
@@ -215,26 +232,34 @@ class DualChunkAttention(Attention):
             offset = cache.offset
             length = max(cache.prompt_end, offset + length)
         length_scale = self.length_scale(length)
-        keys = keys * length_scale
+        keys = self.rope.at(keys, mx.arange(offset, offset + q.shape[2]) % self.chunk_len) * length_scale
         if cache is not None:
             cache.store(keys, values)
             keys, values = cache.keys_and_values()
-        chunk_len, chunk_size = self.chunk_len, self.chunk_size
         scale = self.scale * length_scale
-        key_pos = mx.arange(keys.shape[2])
-        keys = self.rope.at(keys, key_pos % chunk_len)
 
-        def attend_rows(q: mx.array, query_pos: mx.array) -> mx.array:
+        def attend_rows(q: mx.array, start: int, end: int) -> mx.array:
+            """Rows [start, end) of one chunk: its own chunk causally, the chunk before, every earlier one."""
+            chunk_len, chunk_size = self.chunk_len, self.chunk_size
+            chunk_start = start // chunk_len * chunk_len
+            query_pos = mx.arange(start, end)
             within = query_pos % chunk_len
-            intra = grouped_scores(self.rope.at(q, within), keys, scale)
-            succ = grouped_scores(self.rope.at(q, mx.minimum(within + chunk_len, chunk_size)), keys, scale)
-            far = mx.full(within.shape, min(2 * chunk_len - 1, chunk_size))
-            inter = grouped_scores(self.rope.at(q, far), keys, scale)
-            chunks_back = query_pos[:, None] // chunk_len - key_pos[None] // chunk_len
-            scores = mx.where(chunks_back == 0, intra, mx.where(chunks_back == 1, succ, inter))
-            return softmax_values(mx.where(key_pos[None] <= query_pos[:, None], scores, -mx.inf), values)
+            mask = "causal" if end - start > 1 else None
+            own_keys, own_values = keys[:, :, chunk_start:end], values[:, :, chunk_start:end]
+            if chunk_start == 0:
+                return mx.fast.scaled_dot_product_attention(self.rope.at(q, within), own_keys, own_values,
+                                                            scale=scale, mask=mask)
+            own = grouped_scores(self.rope.at(q, within), own_keys, scale)
+            own = mx.where(mx.arange(chunk_start, end)[None] <= query_pos[:, None], own, -mx.inf)
+            previous = grouped_scores(self.rope.at(q, mx.minimum(within + chunk_len, chunk_size)),
+                                      keys[:, :, chunk_start - chunk_len : chunk_start], scale)
+            parts = [previous, own]
+            if chunk_start > chunk_len:
+                far = mx.full(within.shape, min(2 * chunk_len - 1, chunk_size))
+                parts.insert(0, grouped_scores(self.rope.at(q, far), keys[:, :, : chunk_start - chunk_len], scale))
+            return softmax_values(mx.concatenate(parts, axis=-1), values[:, :, :end])
 
-        return in_query_blocks(q, offset, keys.shape[2], attend_rows)
+        return in_query_blocks(q, offset, keys.shape[2], attend_rows, align=self.chunk_len)
 
 
 def make_attention(config: ModelConfig, layer_idx: int) -> Attention:

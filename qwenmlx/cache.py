@@ -2,7 +2,7 @@
 
 Attention rotates the new queries and keys at positions offset, offset+1, ... and hands them over
 with the layer's RoPE, which the rotating cache uses to move tokens to other positions. Keys are stored
-after RoPE (or before it, for the attention variants that place each key per query: rotated_keys False),
+after RoPE at their index (or, rotated_keys False, where an attention variant places them: attention.py),
 contiguous from position 0, in one of two forms: float arrays, or 4/8-bit groups
 (mx.quantize) read through mx.quantized_matmul. The rotating cache bounds the number of tokens by
 evicting the oldest ones after the first `keep` (attention sinks) and re-rotating the keys it keeps
@@ -237,8 +237,8 @@ def make_cache(model, max_kv_size: int | None = None, kv_bits: int | None = None
                keep: int = 4) -> list[KVCache]:
     """One cache per decoder layer, in the order model(tokens, cache) expects.
 
-    Holding unrotated keys where the model's attention places keys per query (attention.py): the rotating
-    cache cannot serve those, since evicting changes every later token's index and so its grouped position.
+    Where the model's attention places keys other than at their index (attention.py), the rotating cache
+    cannot serve: evicting changes every later token's index, and so where such attention places it.
     """
     group_size = kv_group_size(model.config.head_dim) if kv_bits else 64
     rotated_keys = model.layers[0].self_attn.rotated_keys

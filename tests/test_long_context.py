@@ -88,7 +88,7 @@ def test_self_extend_chunked_prefill_and_cached_decode_match_longlm_reference(
     np.testing.assert_allclose(np.concatenate(steps, axis=1), expected, atol=LOGITS_ATOL, rtol=0)
 
 
-def test_self_extend_cache_holds_unrotated_keys_and_refuses_to_rotate(moe_dir):
+def test_self_extend_keys_are_not_at_their_index_so_the_rotating_cache_is_refused(moe_dir):
     model, _ = load_model(moe_dir, self_extend={"group_size": 4, "window": 16})
     assert all(not c.rotated_keys for c in make_cache(model))
     with pytest.raises(QwenMLXError, match="--max-kv-size"):
@@ -195,7 +195,7 @@ def test_dual_chunk_chunked_prefill_and_cached_decode_match_vllm_reference(dual_
                                atol=LOGITS_ATOL, rtol=0)
 
 
-def test_dual_chunk_cache_holds_unrotated_keys_and_refuses_to_rotate(dual_chunk_dir):
+def test_dual_chunk_keys_are_not_at_their_index_so_the_rotating_cache_is_refused(dual_chunk_dir):
     model, _ = load_model(dual_chunk_dir("moe"))
     assert all(not c.rotated_keys for c in make_cache(model))
     with pytest.raises(QwenMLXError, match="--max-kv-size"):
