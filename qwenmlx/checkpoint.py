@@ -251,6 +251,9 @@ def load_model(
     config = read_config(model_dir)
     if rope_scaling is not None:
         config.rope_scaling = rope_scaling or None  # {} switches YaRN off
+        if config.rope_scaling and config.dual_chunk_attention_config:
+            raise QwenMLXError(f"{model_dir}: its config turns dual chunk attention on, which keeps every position "
+                               "trained; YaRN cannot be added to it")
     if self_extend is not None and config.dual_chunk_attention_config:
         raise QwenMLXError(f"{model_dir}: its config turns dual chunk attention on; --self-extend cannot replace it")
     config.self_extend = self_extend
@@ -317,6 +320,7 @@ def describe_model(path_or_hub_id: str | Path) -> dict:
         "experts": f"{c.num_experts}, {c.num_experts_per_tok} per token" if c.num_experts else "dense",
         "context": c.max_position_embeddings,
         "rope_scaling": c.rope_scaling,
+        "dual_chunk_attention": c.dual_chunk_attention_config,
         "quantization": {k: q[k] for k in ("bits", "group_size", "mode") if k in q} if q else None,
         "size_on_disk_gb": round(n_bytes / 1e9, 3),
         "stored_elements": n_params,

@@ -264,3 +264,12 @@ def test_attending_the_queries_in_small_blocks_changes_nothing(moe_dir, dual_chu
     whole = np.array(model(tokens))
     monkeypatch.setattr(qwenmlx.attention, "SCORE_BLOCK_BYTES", 4 * 4 * 4 * PROMPT_LEN * 7)  # 7 rows a block
     np.testing.assert_allclose(np.array(model(tokens)), whole, atol=1e-5, rtol=0)
+
+
+def test_info_shows_dual_chunk_attention_and_yarn_cannot_be_added_to_it(dual_chunk_dir):
+    from qwenmlx.checkpoint import describe_model
+
+    assert describe_model(dual_chunk_dir("moe"))["dual_chunk_attention"] == DUAL_CHUNK
+    yarn = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 2048}
+    with pytest.raises(QwenMLXError, match="YaRN cannot be added"):
+        load_model(dual_chunk_dir("moe"), rope_scaling=yarn)
