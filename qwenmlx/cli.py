@@ -100,7 +100,7 @@ def load_weights(model_dir, threads: int | None, memory_check: bool, context: in
     from .memory import check_memory
 
     if memory_check:
-        check_memory(model_dir, context, **levers)
+        check_memory(model_dir, context, attention=attention, **levers)
     return load_model(model_dir, threads=threads, **(attention or {}))[0]
 
 
