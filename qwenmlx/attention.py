@@ -58,6 +58,12 @@ def check_past_window(self_extend: Any, dual_chunk: bool) -> None:
             raise QwenMLXError("--self-extend and --dual-chunk are two ways past the trained window: choose one")
 
 
+def keys_at_their_index(config: ModelConfig, self_extend: Any = None, dual_chunk: bool = False) -> bool:
+    """Whether the attention load_model builds for `config` and these options caches keys rotated at their
+    index (plain attention), before the model is loaded."""
+    return not (config.dual_chunk_attention_config or self_extend or dual_chunk)
+
+
 class Attention(nn.Module):
     """Grouped-query attention with per-head RMSNorm on q and k before RoPE."""
 

@@ -233,6 +233,13 @@ def kv_cache_bytes(elements_per_token: int, tokens: int, bits: int | None = None
     return math.ceil(tokens * elements_per_token * per_element)
 
 
+def check_bound(max_kv_size: int | None, rotated_keys: bool) -> None:
+    """--max-kv-size against the attention: a rotating cache only for keys rotated at their index (see make_cache)."""
+    if max_kv_size is not None and not rotated_keys:
+        raise QwenMLXError("--max-kv-size: SelfExtend and dual chunk attention place every token by its index "
+                           "from the start, which evicting old tokens would change; leave the cache unbounded")
+
+
 def make_cache(model, max_kv_size: int | None = None, kv_bits: int | None = None,
                keep: int = 4) -> list[KVCache]:
     """One cache per decoder layer, in the order model(tokens, cache) expects.
@@ -243,9 +250,7 @@ def make_cache(model, max_kv_size: int | None = None, kv_bits: int | None = None
     group_size = kv_group_size(model.config.head_dim) if kv_bits else 64
     rotated_keys = model.layers[0].self_attn.rotated_keys
     if max_kv_size is not None:
-        if not rotated_keys:
-            raise QwenMLXError("--max-kv-size: SelfExtend and dual chunk attention place every token by its index "
-                               "from the start, which evicting old tokens would change; leave the cache unbounded")
+        check_bound(max_kv_size, rotated_keys)
         return [RotatingKVCache(max_kv_size, keep, kv_bits, group_size) for _ in model.layers]
     return [KVCache(kv_bits, group_size, rotated_keys) for _ in model.layers]
 

@@ -255,7 +255,8 @@ def serve(model: str = MODEL_OPTION,
           max_tokens: int = typer.Option(None, "--max-tokens", help="Longest answer (default: up to the context)."),
           max_queue: int = typer.Option(16, "--max-queue", help="Requests that may wait; past that, 503."),
           prefill_step: int = PREFILL_OPTION, threads: int = THREADS_OPTION,
-          memory_check: bool = MEMORY_CHECK_OPTION):
+          memory_check: bool = MEMORY_CHECK_OPTION, self_extend: str = SELF_EXTEND_OPTION,
+          dual_chunk: bool = DUAL_CHUNK_OPTION):
     """An OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models) for editors, agents, UIs."""
     import logging
     import os
@@ -263,15 +264,20 @@ def serve(model: str = MODEL_OPTION,
 
     import uvicorn
 
+    from .attention import keys_at_their_index
+    from .cache import check_bound
+    from .config import read_config
     from .server import Engine, LoadedModel, create_app
 
     if not 0 < port < 65536:
         raise QwenMLXError(f"--port {port}: must be between 1 and 65535")
     check_threads(threads)
+    attention = attention_options(self_extend, dual_chunk)
     model_dir, tokenizer = open_model(model)
+    check_bound(max_kv_size, keys_at_their_index(read_config(model_dir), **attention))
 
     def load() -> LoadedModel:  # on the generation thread: MLX's streams belong to the thread that made them
-        llm = load_weights(model_dir, threads, memory_check, max_kv_size, kv_bits=kv_bits,
+        llm = load_weights(model_dir, threads, memory_check, max_kv_size, attention, kv_bits=kv_bits,
                            context_option="--max-kv-size", kv_bits_option=True)
         return LoadedModel(llm, tokenizer, llm.fingerprint)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .attention import keys_at_their_index
 from .checkpoint import SAFETENSORS_DTYPE_BYTES, compute_dtype, is_dropped, safetensors_header, weight_files
 from .config import ModelConfig, read_config
 from .errors import QwenMLXError
@@ -64,7 +65,7 @@ def check_memory(model_dir: Path, context: int | None = None, *, kv_bits: int | 
     config = read_config(model_dir)
     limits = model_limits(model_dir, budget=budget)
     context = context or unbounded_context(config)
-    if context_option == "--max-kv-size" and (config.dual_chunk_attention_config or any((attention or {}).values())):
+    if context_option == "--max-kv-size" and not keys_at_their_index(config, **(attention or {})):
         context_option = None
     needed = limits.memory_needed(context, kv_bits)
     if needed <= limits.memory_budget:

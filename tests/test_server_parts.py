@@ -254,3 +254,25 @@ def test_a_reply_that_evicts_from_a_rotating_cache_leaves_an_exact_checkpoint_fo
         assert events[-1].usage.cached_tokens == len(prompt)
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("model_card, requested, thinks", [("Instruct-2507", True, False),
+                                                          ("Thinking-2507", False, True)])
+def test_a_2507_model_is_sampled_per_its_fixed_thinking_mode_whatever_the_request_asks(moe_dir, tmp_path, model_card,
+                                                                                        requested, thinks):
+    from qwenmlx.generate import default_sampling
+    from tests.checkpoints import checkpoint_variant
+    from tests.qwen_tokenizer_files import FIXTURES
+
+    template = (FIXTURES / f"chat_template-Qwen3-30B-A3B-{model_card}.jinja").read_bytes()
+    model_dir = checkpoint_variant(moe_dir, tmp_path / "model", {"chat_template.jinja": template})
+    engine = Engine(lambda: LoadedModel(*load(model_dir), "tiny"), name="tiny")
+    engine.start()
+    try:
+        while engine.state == "loading":
+            time.sleep(0.01)
+        job = engine.prepare(Request(messages=[{"role": "user", "content": "Hi"}], thinking=requested), None)
+        assert job.sampling == default_sampling(thinks, engine.tokenizer.generation_config)
+        assert job.sampling != default_sampling(requested, engine.tokenizer.generation_config)
+    finally:
+        engine.stop()

@@ -207,6 +207,7 @@ class Engine:
                 thinking = thinking_switch(request.messages) if request.thinking is None else request.thinking
                 prompt = tokenizer.apply_chat_template(request.messages, enable_thinking=thinking,
                                                        tools=request.tools or None, tokenize=True)
+                thinking = tokenizer.thinks(thinking)  # a 2507 model's template decides alone
             else:
                 thinking, prompt = False, tokenizer.encode(request.prompt)
             sampling = default_sampling(thinking, tokenizer.generation_config, **request.sampling)
