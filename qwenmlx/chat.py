@@ -56,6 +56,16 @@ class ChatSession:
     def set_system(self, text: str | None) -> None:
         self.system = text or None
 
+    def switch_thinking(self, on: bool) -> str:
+        """/think or /no_think; the line that says what it does. A 2507 model's template decides alone, so there
+        it changes nothing, which the line says."""
+        self.thinking = on
+        thinks_anyway = self.tokenizer.thinks(not on)
+        if thinks_anyway == self.tokenizer.thinks(on):
+            return (f"this model's thinking is fixed: it {'always' if thinks_anyway else 'never'} thinks, "
+                    "whatever /think or /no_think say")
+        return f"thinking {on_off(on)}"
+
     @property
     def context_used(self) -> int:
         """Tokens the cache holds now."""
