@@ -12,6 +12,7 @@ A variant that places keys at positions other than their index keeps them in its
 """
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -58,10 +59,11 @@ def check_past_window(self_extend: Any, dual_chunk: bool) -> None:
             raise QwenMLXError("--self-extend and --dual-chunk are two ways past the trained window: choose one")
 
 
-def keys_at_their_index(config: ModelConfig, self_extend: Any = None, dual_chunk: bool = False) -> bool:
-    """Whether the attention load_model builds for `config` and these options caches keys rotated at their
-    index (plain attention), before the model is loaded."""
-    return not (config.dual_chunk_attention_config or self_extend or dual_chunk)
+def keys_at_their_index(config: ModelConfig, attention: dict | None) -> bool:
+    """Whether the attention load_model builds for `config` and `attention` (its self_extend, dual_chunk, ...)
+    caches keys rotated at their index (plain attention), before the model is loaded."""
+    attention = attention or {}
+    return not (config.dual_chunk_attention_config or attention.get("self_extend") or attention.get("dual_chunk"))
 
 
 class Attention(nn.Module):
@@ -216,14 +218,19 @@ class DualChunkAttention(Attention):
 
     A key's place never changes, so the cache holds keys rotated (and scaled) as they are used; within the
     first chunk (253,952 tokens with Qwen's values) it is ordinary attention, through the fused kernel.
+
+    sparse (SparsePrefill): a long prompt's prefill keeps per head only MInference's vertical-slash pattern,
+    chosen per chunk as vLLM's sparse path chooses it, the rest masked out of the score maps.
     """
 
     rotated_keys = False  # rotated within their chunk, not at their index
 
-    def __init__(self, c: ModelConfig, chunk_size: int, local_size: int, original_max_position_embeddings: int):
+    def __init__(self, c: ModelConfig, chunk_size: int, local_size: int, original_max_position_embeddings: int,
+                 sparse: "SparsePrefill | None" = None):
         super().__init__(c)
         self.chunk_size, self.chunk_len = chunk_size, chunk_size - local_size
         self.original_max = original_max_position_embeddings
+        self.sparse = sparse
 
     def length_scale(self, length: int) -> float:
         """vLLM's scaling_factor for a sequence of `length` tokens (1 within the trained window)."""
@@ -243,38 +250,144 @@ class DualChunkAttention(Attention):
             cache.store(keys, values)
             keys, values = cache.keys_and_values()
         scale = self.scale * length_scale
+        chunk_len, chunk_size = self.chunk_len, self.chunk_size
+        sparse = self.sparse if self.sparse and q.shape[2] > 1 and length > self.sparse.threshold else None
+        patterns = {}  # chunk start -> its (vertical, slash) pattern, chosen once per chunk of this prefill
+
+        def scores_by_region(q: mx.array, start: int, end: int, succ: mx.array, inter: mx.array) -> mx.array:
+            """Scores of rows [start, end) of one chunk against keys [0, end): every earlier chunk with the queries
+            rotated by `inter`, the chunk before by `succ`, their own chunk (causally) at their place in it."""
+            chunk_start = start // chunk_len * chunk_len
+            within = mx.arange(start, end) % chunk_len
+            own = grouped_scores(self.rope.at(q, within), keys[:, :, chunk_start:end], scale)
+            parts = [mx.where(mx.arange(chunk_start, end)[None] <= mx.arange(start, end)[:, None], own, -mx.inf)]
+            if chunk_start >= chunk_len:
+                parts.insert(0, grouped_scores(self.rope.at(q, succ), keys[:, :, chunk_start - chunk_len : chunk_start],
+                                               scale))
+            if chunk_start > chunk_len:
+                parts.insert(0, grouped_scores(self.rope.at(q, inter), keys[:, :, : chunk_start - chunk_len], scale))
+            return mx.concatenate(parts, axis=-1)
+
+        def pattern(chunk_start: int) -> tuple[mx.array, mx.array]:
+            """vLLM's choice for a chunk of the prefill: from its last queries' attention over every key, with
+            the "critical" query positions (succ unclamped, inter at chunk_size on)."""
+            end = min(chunk_start + chunk_len, offset + q.shape[2])
+            start = max(end - sparse.last_q, chunk_start, offset)
+            last = q[:, :, start - offset : end - offset]
+            within = mx.arange(start, end) % chunk_len
+            scores = scores_by_region(last, start, end, within + chunk_len, within + chunk_size)
+            weights = mx.softmax(scores.astype(mx.float32), axis=-1)
+            B, n_kv, group, n, N = weights.shape
+            return vertical_slash_indices(weights.reshape(B * n_kv * group, n, N), sparse.vertical, sparse.slash)
 
         def attend_rows(q: mx.array, start: int, end: int) -> mx.array:
             """Rows [start, end) of one chunk: its own chunk causally, the chunk before, every earlier one."""
-            chunk_len, chunk_size = self.chunk_len, self.chunk_size
             chunk_start = start // chunk_len * chunk_len
-            query_pos = mx.arange(start, end)
-            within = query_pos % chunk_len
-            mask = "causal" if end - start > 1 else None
-            own_keys, own_values = keys[:, :, chunk_start:end], values[:, :, chunk_start:end]
-            if chunk_start == 0:
-                return mx.fast.scaled_dot_product_attention(self.rope.at(q, within), own_keys, own_values,
-                                                            scale=scale, mask=mask)
-            own = grouped_scores(self.rope.at(q, within), own_keys, scale)
-            own = mx.where(mx.arange(chunk_start, end)[None] <= query_pos[:, None], own, -mx.inf)
-            previous = grouped_scores(self.rope.at(q, mx.minimum(within + chunk_len, chunk_size)),
-                                      keys[:, :, chunk_start - chunk_len : chunk_start], scale)
-            parts = [previous, own]
-            if chunk_start > chunk_len:
-                far = mx.full(within.shape, min(2 * chunk_len - 1, chunk_size))
-                parts.insert(0, grouped_scores(self.rope.at(q, far), keys[:, :, : chunk_start - chunk_len], scale))
-            return softmax_values(mx.concatenate(parts, axis=-1), values[:, :, :end])
+            within = mx.arange(start, end) % chunk_len
+            if chunk_start == 0 and sparse is None:
+                mask = "causal" if end - start > 1 else None
+                return mx.fast.scaled_dot_product_attention(self.rope.at(q, within), keys[:, :, :end],
+                                                            values[:, :, :end], scale=scale, mask=mask)
+            far = mx.full(within.shape, min(2 * chunk_len - 1, chunk_size))
+            scores = scores_by_region(q, start, end, mx.minimum(within + chunk_len, chunk_size), far)
+            if sparse is not None:
+                if chunk_start not in patterns:
+                    patterns[chunk_start] = pattern(chunk_start)
+                kept = vertical_slash_mask(*patterns[chunk_start], mx.arange(start, end), end)
+                scores = mx.where(kept.reshape(scores.shape[1:]), scores, -mx.inf)
+            return softmax_values(scores, values[:, :, :end])
 
         return in_query_blocks(q, offset, keys.shape[2], attend_rows, align=self.chunk_len)
 
 
+@dataclass
+class SparsePrefill:
+    """One layer's MInference vertical-slash settings, per query head, as vLLM reads them from
+    dual_chunk_attention_config: sparse_attention_config[layer][head] = ["vertical_and_slash", vertical, slash,
+    score]; sparse only for prompts longer than sparse_attention_threshold tokens, indices chosen from the last
+    sparse_attention_last_q queries of each chunk."""
+
+    vertical: list[int]
+    slash: list[int]
+    threshold: int = 32768
+    last_q: int = 64
+
+    @classmethod
+    def for_layer(cls, settings: dict, layer_idx: int, n_heads: int) -> "SparsePrefill":
+        layers = settings.get("sparse_attention_config")
+        where = "dual_chunk_attention_config.sparse_attention_config"
+        if not isinstance(layers, list) or not layers:
+            raise QwenMLXError(f"--sparse-prefill follows {where}, the per-layer, per-head patterns in Qwen's "
+                               "config_1m.json; this model's config has none")
+        heads = layers[layer_idx] if layer_idx < len(layers) else None
+        if not isinstance(heads, dict) or set(heads) != {str(head) for head in range(n_heads)}:
+            raise QwenMLXError(f"{where}[{layer_idx}] must give each of the {n_heads} query heads its pattern, "
+                               f"got {heads!r:.80}")
+        vertical, slash = [], []
+        for head in range(n_heads):
+            kind, *sizes = heads[str(head)][:3] if isinstance(heads[str(head)], list) else [None]
+            if kind != "vertical_and_slash" or len(sizes) != 2 or not all(map(_whole_at_least_one, sizes)):
+                raise QwenMLXError(f"{where}[{layer_idx}][{head}] must be [\"vertical_and_slash\", vertical size, "
+                                   f"slash size, score], got {heads[str(head)]!r}")
+            vertical.append(sizes[0] + 100 if sizes[0] == 30 else sizes[0])  # vLLM's widening of the smallest
+            slash.append(sizes[1])
+        threshold, last_q = settings.get("sparse_attention_threshold", 32768), settings.get("sparse_attention_last_q", 64)
+        if not (_whole_at_least_one(threshold) or threshold == 0) or not _whole_at_least_one(last_q):
+            raise QwenMLXError(f"dual_chunk_attention_config: sparse_attention_threshold must be a whole number >= 0 "
+                               f"and sparse_attention_last_q >= 1, got {threshold!r} and {last_q!r}")
+        return cls(vertical, slash, threshold, last_q)
+
+
+# vLLM keeps the first keys as columns and the nearest distances as diagonals whatever the scores say.
+FIRST_KEYS_KEPT, NEAREST_DISTANCES_KEPT = 30, 100
+
+
+def vertical_slash_indices(weights: mx.array, vertical: list[int], slash: list[int]) -> tuple[mx.array, mx.array]:
+    """MInference's index choice as vLLM's dual-chunk backend makes it: weights [heads, n, N] of the last n
+    queries (the last at key N - 1) -> (columns [heads, max vertical], distances [heads, max slash]); a head
+    keeps its `vertical` columns with the largest summed weight (the first 30 always) and its `slash`
+    diagonals (query - key distances) with the largest summed weight (distances below 100 always); -1 pads."""
+    H, n, N = weights.shape
+    columns = weights.sum(axis=1)
+    columns = mx.where(mx.arange(N) < FIRST_KEYS_KEPT, mx.inf, columns)
+    # The diagonal at distance d holds, in row r (query N - n + r), the key N - n + r - d.
+    key = (N - n) + mx.arange(n)[:, None] - mx.arange(N)[None]
+    on_diagonal = mx.take_along_axis(weights, mx.broadcast_to(mx.maximum(key, 0), (H, n, N)), axis=-1)
+    diagonals = mx.where(key >= 0, on_diagonal, 0).sum(axis=1)
+    diagonals = mx.where(mx.arange(N) < NEAREST_DISTANCES_KEPT, mx.inf, diagonals)
+
+    def largest(x: mx.array, sizes: list[int]) -> mx.array:
+        ranked = mx.argsort(-x, axis=-1)[:, : min(max(sizes), N)].astype(mx.int32)
+        return mx.where(mx.arange(ranked.shape[1])[None] < mx.array(sizes)[:, None], ranked, -1)
+
+    return largest(columns, vertical), largest(diagonals, slash)
+
+
+def vertical_slash_mask(columns: mx.array, distances: mx.array, query_pos: mx.array, n_keys: int) -> mx.array:
+    """[heads, queries, n_keys]: which keys each query keeps, a chosen column or at a chosen distance."""
+    H = columns.shape[0]
+
+    def chosen(indices: mx.array) -> mx.array:
+        marks = mx.zeros((H, n_keys + 1), dtype=mx.bool_)  # the last slot takes the -1 padding
+        marks[mx.arange(H)[:, None], mx.where(indices < 0, n_keys, mx.minimum(indices, n_keys))] = True
+        return marks
+
+    distance = query_pos[:, None] - mx.arange(n_keys)[None]
+    at_distance = mx.take(chosen(distances), mx.where(distance >= 0, distance, n_keys), axis=1)
+    return chosen(columns)[:, None, :n_keys] | at_distance
+
+
 def make_attention(config: ModelConfig, layer_idx: int) -> Attention:
     """The attention layer `config` asks for: dual chunk attention where the config carries Qwen's
-    dual_chunk_attention_config, SelfExtend where config.self_extend is set, else plain."""
+    dual_chunk_attention_config (with sparse prefill where config.sparse_prefill is set), SelfExtend where
+    config.self_extend is set, else plain."""
     if config.dual_chunk_attention_config:
         settings = config.dual_chunk_attention_config
+        sparse = None
+        if config.sparse_prefill:
+            sparse = SparsePrefill.for_layer(settings, layer_idx, config.num_attention_heads)
         return DualChunkAttention(config, settings["chunk_size"], settings["local_size"],
-                                  settings.get("original_max_position_embeddings", 0))
+                                  settings.get("original_max_position_embeddings", 0), sparse)
     if config.self_extend:
         return SelfExtendAttention(config, **check_self_extend(config.self_extend))
     return Attention(config)

@@ -104,13 +104,13 @@ def load_weights(model_dir, threads: int | None, memory_check: bool, context: in
     return load_model(model_dir, threads=threads, **(attention or {}))[0]
 
 
-def attention_options(self_extend: str | None, dual_chunk: bool) -> dict:
-    """--self-extend G:W and --dual-chunk, checked, as load_model takes them."""
+def attention_options(self_extend: str | None, dual_chunk: bool, sparse_prefill: bool) -> dict:
+    """--self-extend G:W, --dual-chunk and --sparse-prefill, checked, as load_model takes them."""
     from .attention import check_past_window, parse_self_extend
 
     options = {"self_extend": None if self_extend is None else parse_self_extend(self_extend), "dual_chunk": dual_chunk}
     check_past_window(**options)
-    return options
+    return {**options, "sparse_prefill": sparse_prefill}
 
 
 def sampling_options(temp, top_p, top_k, min_p, presence_penalty, repetition_penalty, seed) -> dict:
@@ -147,6 +147,9 @@ SELF_EXTEND_OPTION = typer.Option(None, "--self-extend", metavar="G:W",
                                        "(reads ~G times the trained window).")
 DUAL_CHUNK_OPTION = typer.Option(False, "--dual-chunk",
                                  help="Dual chunk attention with Qwen's 1M settings (2507 models, past 262,144 tokens).")
+SPARSE_PREFILL_OPTION = typer.Option(False, "--sparse-prefill",
+                                     help="Dual chunk attention's prefill sparse, per the config's sparse_attention_config "
+                                          "(MInference's patterns, as vLLM; slightly different results, no faster yet).")
 
 
 def _prompt_from_stdin() -> str:
@@ -172,6 +175,7 @@ def generate(prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt,
              thinking_budget: int = BUDGET_OPTION, prefill_step: int = PREFILL_OPTION,
              threads: int = THREADS_OPTION, memory_check: bool = MEMORY_CHECK_OPTION,
              self_extend: str = SELF_EXTEND_OPTION, dual_chunk: bool = DUAL_CHUNK_OPTION,
+             sparse_prefill: bool = SPARSE_PREFILL_OPTION,
              json_output: bool = typer.Option(False, "--json", help="Print JSON with the text, token counts, speeds.")):
     """One answer to one prompt, for scripts: the text on stdout (or JSON)."""
     import json
@@ -181,7 +185,7 @@ def generate(prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt,
     options = sampling_options(temp, top_p, top_k, min_p, presence_penalty, repetition_penalty, seed)
     check_generation(max_tokens, thinking_budget, prefill_step, **options)
     check_threads(threads)
-    attention = attention_options(self_extend, dual_chunk)
+    attention = attention_options(self_extend, dual_chunk, sparse_prefill)
     text = _prompt_from_stdin() if prompt == "-" else prompt
     messages = prompt_messages(text, system)
     model_dir, tokenizer = open_model(model)
@@ -219,7 +223,7 @@ def chat(model: str = MODEL_OPTION,
          repetition_penalty: float = REPETITION_OPTION, seed: int = SEED_OPTION,
          thinking_budget: int = BUDGET_OPTION, prefill_step: int = PREFILL_OPTION, threads: int = THREADS_OPTION,
          memory_check: bool = MEMORY_CHECK_OPTION, self_extend: str = SELF_EXTEND_OPTION,
-         dual_chunk: bool = DUAL_CHUNK_OPTION):
+         dual_chunk: bool = DUAL_CHUNK_OPTION, sparse_prefill: bool = SPARSE_PREFILL_OPTION):
     """Chat in the terminal, with thinking, prompt reuse across turns and /commands (/help)."""
     from .chat import ChatSession
     from .chat_terminal import ChatTerminal
@@ -228,7 +232,7 @@ def chat(model: str = MODEL_OPTION,
     options = sampling_options(temp, top_p, top_k, min_p, presence_penalty, repetition_penalty, seed)
     check_generation(max_tokens, thinking_budget, prefill_step, **options)
     check_threads(threads)
-    attention = attention_options(self_extend, dual_chunk)
+    attention = attention_options(self_extend, dual_chunk, sparse_prefill)
     model_dir, tokenizer = open_model(model)
     with console.status(f"loading {model_dir}"):
         llm = load_weights(model_dir, threads, memory_check, max_kv_size, attention, kv_bits=kv_bits,
@@ -256,7 +260,7 @@ def serve(model: str = MODEL_OPTION,
           max_queue: int = typer.Option(16, "--max-queue", help="Requests that may wait; past that, 503."),
           prefill_step: int = PREFILL_OPTION, threads: int = THREADS_OPTION,
           memory_check: bool = MEMORY_CHECK_OPTION, self_extend: str = SELF_EXTEND_OPTION,
-          dual_chunk: bool = DUAL_CHUNK_OPTION):
+          dual_chunk: bool = DUAL_CHUNK_OPTION, sparse_prefill: bool = SPARSE_PREFILL_OPTION):
     """An OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models) for editors, agents, UIs."""
     import logging
     import os
@@ -272,9 +276,9 @@ def serve(model: str = MODEL_OPTION,
     if not 0 < port < 65536:
         raise QwenMLXError(f"--port {port}: must be between 1 and 65535")
     check_threads(threads)
-    attention = attention_options(self_extend, dual_chunk)
+    attention = attention_options(self_extend, dual_chunk, sparse_prefill)
     model_dir, tokenizer = open_model(model)
-    check_bound(max_kv_size, keys_at_their_index(read_config(model_dir), **attention))
+    check_bound(max_kv_size, keys_at_their_index(read_config(model_dir), attention))
 
     def load() -> LoadedModel:  # on the generation thread: MLX's streams belong to the thread that made them
         llm = load_weights(model_dir, threads, memory_check, max_kv_size, attention, kv_bits=kv_bits,
@@ -696,6 +700,7 @@ def summarize(
     memory_check: bool = MEMORY_CHECK_OPTION,
     self_extend: str = SELF_EXTEND_OPTION,
     dual_chunk: bool = DUAL_CHUNK_OPTION,
+    sparse_prefill: bool = SPARSE_PREFILL_OPTION,
 ):
     """Summarise a file of any length: in one pass (with YaRN or dual chunk attention when needed) or in parts."""
     import json
@@ -711,7 +716,7 @@ def summarize(
     options = SummaryOptions(style=style, lang=lang, max_tokens=max_tokens, think=think)
     options.check()
     check_threads(threads)
-    attention = attention_options(self_extend, dual_chunk)
+    attention = attention_options(self_extend, dual_chunk, sparse_prefill)
     if out is not None:
         inputs = {"document": Path(file)} if file != "-" else {}
         if Path(model).expanduser().exists():

@@ -41,6 +41,8 @@ class ModelConfig:
     self_extend: dict | None = None
     # Qwen's config_1m.json (the 2507 models past 262,144 tokens): dual chunk attention (see attention.py).
     dual_chunk_attention_config: dict | None = None
+    # Not in Qwen's config.json: set by load(path, sparse_prefill=True) (see attention.SparsePrefill).
+    sparse_prefill: bool = False
 
     def __post_init__(self):
         if self.head_dim is None:

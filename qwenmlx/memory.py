@@ -65,7 +65,7 @@ def check_memory(model_dir: Path, context: int | None = None, *, kv_bits: int | 
     config = read_config(model_dir)
     limits = model_limits(model_dir, budget=budget)
     context = context or unbounded_context(config)
-    if context_option == "--max-kv-size" and not keys_at_their_index(config, **(attention or {})):
+    if context_option == "--max-kv-size" and not keys_at_their_index(config, attention):
         context_option = None
     needed = limits.memory_needed(context, kv_bits)
     if needed <= limits.memory_budget:

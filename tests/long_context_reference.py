@@ -79,7 +79,8 @@ def self_extend_attention(q, k, v, theta: float, scale: float, group_size: int, 
 
 
 def dual_chunk_attention(q, k, v, theta: float, scale: float, chunk_size: int, local_size: int,
-                         original_max_position_embeddings: int, prompt_length: int | None = None) -> np.ndarray:
+                         original_max_position_embeddings: int, prompt_length: int | None = None,
+                         sparse: tuple[int, int, int] | None = None) -> np.ndarray:
     """Dual chunk attention as vLLM runs it: a prompt's prefill, then each later token's decode step.
 
     Source: vllm-project/vllm, vllm/model_executor/layers/rotary_embedding/dual_chunk_rope.py
@@ -93,6 +94,11 @@ def dual_chunk_attention(q, k, v, theta: float, scale: float, chunk_size: int, l
     path. Rows past prompt_length (default: all rows are the prompt) are decode steps: a decode step's
     intra/succ/inter split of the cache (seq_lens_intra, _succ, _inter) is its row's split here, and with
     causal attention its output is its row's.
+
+    sparse = (vertical size, slash size, last_q), for every head: the prompt's prefill as vLLM's sparse path
+    chooses its indices (per chunk, from the last_q queries' attention over every key, queries at the
+    "critical" positions: succ unclamped at position % chunk_len + chunk_len, inter at position % chunk_len +
+    chunk_size; vertical_slash_indices), then each query keeps the chosen keys and those at the chosen distances.
     """
     L = q.shape[2]
     chunk_len = chunk_size - local_size
@@ -101,20 +107,48 @@ def dual_chunk_attention(q, k, v, theta: float, scale: float, chunk_size: int, l
     query = rope(q, positions % chunk_len, theta)
     query_succ = rope(q, np.minimum(positions % chunk_len + chunk_len, chunk_size), theta)
     query_inter = rope(q, np.full(L, min(chunk_len - 1 + chunk_len, chunk_size)), theta)
+    query_succ_critical = rope(q, positions % chunk_len + chunk_len, theta)
+    query_inter_critical = rope(q, positions % chunk_len + chunk_size, theta)
+    queries = [query, query_succ, query_inter, query_succ_critical, query_inter_critical]
     if original_max_position_embeddings > 0:
         orig_seq_len = np.maximum(prompt_length or L, positions + 1)
         scaling_factor = np.maximum(0.1 * np.log(orig_seq_len / original_max_position_embeddings) + 1.0, 1.0)
         key = key * scaling_factor[:, None]
-        query, query_succ, query_inter = (x * scaling_factor[:, None] for x in (query, query_succ, query_inter))
+        queries = [x * scaling_factor[:, None] for x in queries]
+    query, query_succ, query_inter, query_succ_critical, query_inter_critical = queries
 
-    def flash_attn(q_part, k_part, v_part, causal):
-        """(output, log-sum-exp) of one head; causal aligned to the bottom right, as flash-attn's."""
+    def flash_attn(q_part, k_part, v_part, causal, kept=None):
+        """(output, log-sum-exp) of one head; causal aligned to the bottom right, as flash-attn's; kept: the
+        sparse pattern's [queries, keys] (a row with nothing kept weighs nothing in the merge)."""
         scores = q_part @ k_part.T * scale
         if causal:
             n_q, n_k = scores.shape
             scores = np.where(np.arange(n_k)[None] <= np.arange(n_k - n_q, n_k)[:, None], scores, -np.inf)
-        lse = np.log(np.exp(scores - scores.max(-1, keepdims=True)).sum(-1)) + scores.max(-1)
-        return softmax(scores) @ v_part, lse
+        if kept is not None:
+            scores = np.where(kept, scores, -np.inf)
+        top = np.where(np.isfinite(scores.max(-1, keepdims=True)), scores.max(-1, keepdims=True), 0)
+        total = np.exp(scores - top).sum(-1, keepdims=True)
+        lse = (np.log(total) + top)[:, 0]
+        return np.nan_to_num(np.exp(scores - top) / total) @ v_part, lse
+
+    def sparse_pattern(head, begin, end, prev_chunk_end_pos):
+        """[end - begin, end]: the keys rows begin..end keep, chosen from the last queries of the segment."""
+        vertical_size, slash_size, last_q = sparse
+        vertical_size += 100 if vertical_size == 30 else 0  # as _dual_chunk_flash_attn_prefill does
+        last = slice(end - min(end - begin, last_q), end)
+        k_head = key[0, head // group]
+        qk = [query[0, head, last] @ k_head[prev_chunk_end_pos:end].T * scale]
+        if prev_chunk_end_pos - chunk_len >= 0:
+            qk.insert(0, query_succ_critical[0, head, last] @ k_head[prev_chunk_end_pos - chunk_len : prev_chunk_end_pos].T
+                      * scale)
+        if prev_chunk_end_pos - chunk_len * 2 >= 0:
+            qk.insert(0, query_inter_critical[0, head, last] @ k_head[: prev_chunk_end_pos - chunk_len].T * scale)
+        qk = np.concatenate(qk, axis=-1)
+        n = qk.shape[0]
+        qk[:, -n:] = np.where(np.tril(np.ones((n, n), bool)), qk[:, -n:], -np.inf)
+        [columns], [distances] = vertical_slash_indices(softmax(qk)[None], [vertical_size], [slash_size])
+        rows, keys = np.arange(begin, end)[:, None], np.arange(end)[None]
+        return np.isin(keys, list(columns)) | np.isin(rows - keys, list(distances))
 
     def merge(results):
         outputs = np.stack([r[0] for r in results])
@@ -131,18 +165,59 @@ def dual_chunk_attention(q, k, v, theta: float, scale: float, chunk_size: int, l
         while begin < L:
             prev_chunk_end_pos = (begin // chunk_len) * chunk_len
             end = min(prev_chunk_end_pos + chunk_len, L)
-            results = [flash_attn(query[0, head, begin:end], k_head[prev_chunk_end_pos:end],
-                                  v_head[prev_chunk_end_pos:end], causal=True)]
+            kept = np.ones((end - begin, end), bool) if sparse is None else \
+                sparse_pattern(head, begin, end, prev_chunk_end_pos)
+            own = slice(prev_chunk_end_pos, end)
+            results = [flash_attn(query[0, head, begin:end], k_head[own], v_head[own], True, kept[:, own])]
             if prev_chunk_end_pos - chunk_len >= 0:
                 previous = slice(prev_chunk_end_pos - chunk_len, prev_chunk_end_pos)
-                results.append(flash_attn(query_succ[0, head, begin:end], k_head[previous], v_head[previous], False))
+                results.append(flash_attn(query_succ[0, head, begin:end], k_head[previous], v_head[previous], False,
+                                          kept[:, previous]))
             if prev_chunk_end_pos - chunk_len * 2 >= 0:
                 earlier = slice(0, prev_chunk_end_pos - chunk_len)
-                results.append(flash_attn(query_inter[0, head, begin:end], k_head[earlier], v_head[earlier], False))
+                results.append(flash_attn(query_inter[0, head, begin:end], k_head[earlier], v_head[earlier], False,
+                                          kept[:, earlier]))
             rows.append(merge(results))
             begin = end
         out[0, head] = np.concatenate(rows)
     return out
+
+
+def sum_all_diagonal_matrix(mat: np.ndarray) -> np.ndarray:
+    """vLLM's _sum_all_diagonal_matrix: [h, n, m] -> [h, n + m - 1], the sums along each diagonal, from the one
+    through the bottom-left corner's right neighbour to the top-right corner (padded, then strided)."""
+    h, n, m = mat.shape
+    zero = np.zeros((h, n, n), mat.dtype)
+    padded = np.ascontiguousarray(np.concatenate([zero, mat, zero], axis=-1))
+    item = padded.itemsize
+    strided = np.lib.stride_tricks.as_strided(padded, (h, n, n + m), (n * (2 * n + m) * item, (2 * n + m + 1) * item,
+                                                                      item))
+    return strided.sum(1)[:, 1:]
+
+
+def vertical_slash_indices(weights: np.ndarray, vertical_sizes, slash_sizes):
+    """The sparse prefill's index choice in vLLM's _dual_chunk_flash_attn_prefill_func, per head.
+
+    Source: vllm-project/vllm, vllm/attention/backends/dual_chunk_flash_attn.py: weights = the softmax of the
+    last queries' scores (causal in the last block); vertical = weights summed over the queries, the first 30
+    set to inf, topk(vertical size); slash = _sum_all_diagonal_matrix, the top-right corner dropped
+    ([:-last_q + 1]), the last 100 set to inf, topk(slash size); a slash index t is handed on as the distance
+    (N - 1) - t (the intra stage's `(qk.size(-1) - 1) - slash_topk`). Returns per head the set of columns and the
+    set of distances.
+    """
+    H, n, N = weights.shape
+    vertical = weights.sum(1)
+    vertical[:, :30] = np.inf
+    columns, distances = [], []
+    for head in range(H):
+        columns.append(set(np.argsort(-vertical[head], kind="stable")[: min(vertical_sizes[head], N)].tolist()))
+        slash = sum_all_diagonal_matrix(weights[head : head + 1])
+        if n != 1:
+            slash = slash[..., : -n + 1]
+        slash[..., -100:] = np.inf
+        top = np.argsort(-slash[0], kind="stable")[: min(slash_sizes[head], N)]
+        distances.append(set((N - 1 - top).tolist()))
+    return columns, distances
 
 
 def reference_logits(model_dir, tokens: np.ndarray, attention) -> np.ndarray:

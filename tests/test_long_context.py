@@ -273,3 +273,104 @@ def test_info_shows_dual_chunk_attention_and_yarn_cannot_be_added_to_it(dual_chu
     yarn = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 2048}
     with pytest.raises(QwenMLXError, match="YaRN cannot be added"):
         load_model(dual_chunk_dir("moe"), rope_scaling=yarn)
+
+
+# Sparse prefill: MInference's vertical-slash patterns inside dual chunk attention's prefill.
+
+
+def sparse_index_case(n: int, N: int, seed: int = 0):
+    """Attention weights of the last n queries over N keys (causal in the last n columns), as the choice sees them."""
+    scores = np.random.default_rng(seed).standard_normal((4, n, N)).astype(np.float32) * 3
+    scores = np.where(np.arange(N)[None] <= np.arange(N - n, N)[:, None], scores, -np.inf)
+    return ref.softmax(scores)
+
+
+@pytest.mark.parametrize("n, N, vertical, slash", [(64, 400, [40, 130, 31, 400], [120, 150, 101, 400]),
+                                                   (1, 300, [50] * 4, [110] * 4), (16, 160, [35] * 4, [105] * 4)])
+def test_sparse_index_choice_matches_vllms(n, N, vertical, slash):
+    from qwenmlx.attention import vertical_slash_indices
+
+    weights = sparse_index_case(n, N)
+    columns, distances = vertical_slash_indices(mx.array(weights), vertical, slash)
+    expected_columns, expected_distances = ref.vertical_slash_indices(weights, vertical, slash)
+    for head in range(4):
+        assert set(np.array(columns[head]).tolist()) - {-1} == expected_columns[head]
+        assert set(np.array(distances[head]).tolist()) - {-1} == expected_distances[head]
+        assert len(expected_columns[head]) == min(vertical[head], N)
+        assert set(range(30)) <= expected_columns[head] and set(range(100)) <= expected_distances[head]
+
+
+def sparse_settings(vertical: int, slash: int) -> dict:
+    """DUAL_CHUNK with every head of every layer on one vertical-slash pattern, sparse at any length."""
+    shape = MODEL_VARIANTS["moe"]
+    pattern = {str(h): ["vertical_and_slash", vertical, slash, 0.9] for h in range(shape["num_attention_heads"])}
+    return {**DUAL_CHUNK, "sparse_attention_config": [pattern] * shape["num_hidden_layers"], "sparse_attention_threshold": 0,
+            "sparse_attention_last_q": 8}
+
+
+@pytest.fixture(scope="module")
+def sparse_dir(checkpoint_dir, tmp_path_factory):
+    """(vertical, slash) -> the tiny MoE checkpoint with DUAL_CHUNK and that sparse pattern on every head."""
+    dirs = {}
+
+    def get(vertical: int, slash: int):
+        if (vertical, slash) not in dirs:
+            dirs[vertical, slash] = checkpoint_variant(
+                checkpoint_dir("moe"), tmp_path_factory.mktemp("sparse") / "model",
+                {"config.json": {"dual_chunk_attention_config": sparse_settings(vertical, slash)}})
+        return dirs[vertical, slash]
+
+    return get
+
+
+def test_sparse_prefill_keeping_every_index_is_dense_dual_chunk_attention(sparse_dir):
+    dense, _ = load_model(sparse_dir(1000, 1000))
+    sparse, _ = load_model(sparse_dir(1000, 1000), sparse_prefill=True)
+    tokens = mx.array(prompt())
+    np.testing.assert_allclose(np.array(sparse(tokens)), np.array(dense(tokens)), atol=LOGITS_ATOL, rtol=0)
+
+
+def test_sparse_prefill_matches_vllm_reference(sparse_dir):
+    """31 columns and 101 distances over 160 tokens (chunks of 16): some keys of every late query are left out."""
+    model_dir, tokens = sparse_dir(31, 101), prompt(PROMPT_LEN + 64)
+    model, _ = load_model(model_dir, sparse_prefill=True)
+
+    def attention(q, k, v, scale):
+        return ref.dual_chunk_attention(q, k, v, MODEL_VARIANTS["moe"]["rope_theta"], scale, DUAL_CHUNK["chunk_size"],
+                                        DUAL_CHUNK["local_size"], DUAL_CHUNK["original_max_position_embeddings"],
+                                        sparse=(31, 101, 8))
+
+    np.testing.assert_allclose(np.array(model(mx.array(tokens))), ref.reference_logits(model_dir, tokens, attention),
+                               atol=LOGITS_ATOL, rtol=0)
+
+
+def test_sparse_prefill_with_few_indices_changes_the_prefill_but_not_decode(sparse_dir):
+    dense, _ = load_model(sparse_dir(31, 101))
+    sparse, _ = load_model(sparse_dir(31, 101), sparse_prefill=True)
+    # 96 tokens: a few keys past the first 30 columns and 100 distances, so some keys are left out
+    tokens = mx.array(prompt(PROMPT_LEN + 64))
+    assert np.abs(np.array(sparse(tokens)) - np.array(dense(tokens))).max() > 1e-3
+    caches = make_cache(sparse), make_cache(dense)
+    steps = [np.array(m(tokens[:, :1], c)) for m, c in zip((sparse, dense), caches)]
+    np.testing.assert_allclose(steps[0], steps[1], atol=LOGITS_ATOL, rtol=0)  # one query: a decode step is dense
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"sparse_attention_config": None}, "has none"),
+    ({"sparse_attention_config": [{"0": ["vertical_and_slash", 10, 10, 1]}] * 3}, "each of the 4 query heads"),
+    ({"sparse_attention_config": [{str(h): ["a_shape", 10, 10, 1] for h in range(4)}] * 3}, r"\[0\]\[0\] must be"),
+    ({"sparse_attention_config": [{str(h): ["vertical_and_slash", 10, 10, 1] for h in range(4)}]}, r"\[1\] must give"),
+    ({"sparse_attention_last_q": 0}, "sparse_attention_last_q >= 1"),
+    ({"sparse_attention_threshold": "32K"}, "sparse_attention_threshold must be"),
+])
+def test_sparse_prefill_refuses_a_config_without_its_patterns(checkpoint_dir, tmp_path, change, says):
+    settings = {**sparse_settings(100, 100), **change}
+    model_dir = checkpoint_variant(checkpoint_dir("moe"), tmp_path / "model",
+                                   {"config.json": {"dual_chunk_attention_config": settings}})
+    with pytest.raises(QwenMLXError, match=says):
+        load_model(model_dir, sparse_prefill=True)
+
+
+def test_sparse_prefill_needs_dual_chunk_attention(moe_dir):
+    with pytest.raises(QwenMLXError, match="--sparse-prefill is part of dual chunk attention"):
+        load_model(moe_dir, sparse_prefill=True)
