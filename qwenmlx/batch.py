@@ -39,10 +39,18 @@ class BatchCache:
 
         return cores.blocks(len(self.caches), rows, axis=0)
 
+def decodes_in_a_batch(model) -> bool:
+    """Whether several sequences may share a step: BatchCache serves attention that rotates keys at their index.
+    SelfExtend and dual chunk attention place each query and key themselves, from one sequence's length."""
+    return all(layer.self_attn.rotated_keys for layer in model.layers)
+
+
 def decode_step(model, tokens: list[int] | mx.array, caches: list[list[KVCache]]) -> mx.array:
     """The next-token logits [B, vocab] of B sequences, each given its next token and its own caches (one per layer).
 
-    Every sequence's caches grow by its token, as they would had it run alone.
+    Every sequence's caches grow by its token, as they would had it run alone; one sequence runs exactly so.
     """
+    if len(caches) == 1:
+        return model(mx.array(tokens).reshape(1, 1), caches[0])[:, -1, :]
     per_layer = [BatchCache([sequence[i] for sequence in caches]) for i in range(len(model.layers))]
     return model(mx.array(tokens).reshape(-1, 1), per_layer)[:, -1, :]

@@ -2,7 +2,8 @@
 
 Attention rotates the new queries and keys at positions offset, offset+1, ... and hands them over
 with the layer's RoPE, which the rotating cache uses to move tokens to other positions. Keys are stored
-after RoPE, contiguous from position 0, in one of two forms: float arrays, or 4/8-bit groups
+after RoPE at their index (or, rotated_keys False, where an attention variant places them: attention.py),
+contiguous from position 0, in one of two forms: float arrays, or 4/8-bit groups
 (mx.quantize) read through mx.quantized_matmul. The rotating cache bounds the number of tokens by
 evicting the oldest ones after the first `keep` (attention sinks) and re-rotating the keys it keeps
 to contiguous positions, as llama.cpp's context shift does, so positions never exceed its size.
@@ -30,11 +31,12 @@ class KVCache:
     step = 256
     max_size: int | None = None  # the growing cache is unbounded
     keep = evicted = 0  # the rotating cache's kept (sink) tokens and tokens dropped so far
+    prompt_end = 0  # where the prompt being fed ends (set by generate); dual chunk attention scales by it
 
-    def __init__(self, bits: int | None = None, group_size: int = 64):
+    def __init__(self, bits: int | None = None, group_size: int = 64, rotated_keys: bool = True):
         if bits is not None and bits not in SUPPORTED_KV_BITS:
             raise QwenMLXError(f"--kv-bits {bits}: supported KV cache bits are {SUPPORTED_KV_BITS}")
-        self.bits, self.group_size = bits, group_size
+        self.bits, self.group_size, self.rotated_keys = bits, group_size, rotated_keys
         # Arrays with the token axis at 2: [keys, values], or quantized
         # [keys, key_scales, key_biases, values, value_scales, value_biases].
         self.buffers: list[mx.array] | None = None
@@ -78,10 +80,18 @@ class KVCache:
         return [x] if self.bits is None else list(mx.quantize(x, self.group_size, self.bits))
 
     def _decoded_keys(self, start: int, end: int) -> mx.array:
-        keys = [b[..., start:end, :] for b in self.buffers[: len(self.buffers) // 2]]
+        return self._decoded(self.buffers[: len(self.buffers) // 2], start, end)
+
+    def _decoded(self, parts: list[mx.array], start: int, end: int) -> mx.array:
+        parts = [b[..., start:end, :] for b in parts]
         if self.bits is None:
-            return keys[0]
-        return mx.dequantize(*keys, group_size=self.group_size, bits=self.bits)
+            return parts[0]
+        return mx.dequantize(*parts, group_size=self.group_size, bits=self.bits)
+
+    def keys_and_values(self) -> tuple[mx.array, mx.array]:
+        """Every held key and value as floats (dequantized where stored in bits)."""
+        half = len(self.buffers) // 2
+        return self._decoded(self.buffers[:half], 0, self.offset), self._decoded(self.buffers[half:], 0, self.offset)
 
     def _reserve(self, n_tokens: int, like: mx.array) -> None:
         """Make room for n_tokens, growing in steps (never past max_size)."""
@@ -119,7 +129,8 @@ class KVCache:
         return cores.blocks(n_kv_heads, kv_heads, axis=1)
 
     def describe(self) -> dict:
-        return {"type": type(self).__name__, "offset": self.offset, "bits": self.bits, "group_size": self.group_size}
+        return {"type": type(self).__name__, "offset": self.offset, "bits": self.bits, "group_size": self.group_size,
+                "rotated_keys": self.rotated_keys}
 
     def settings(self) -> dict:
         """How the cache was made, without what it holds: caches with equal settings can stand in for each other."""
@@ -222,13 +233,26 @@ def kv_cache_bytes(elements_per_token: int, tokens: int, bits: int | None = None
     return math.ceil(tokens * elements_per_token * per_element)
 
 
+def check_bound(max_kv_size: int | None, rotated_keys: bool) -> None:
+    """--max-kv-size against the attention: a rotating cache only for keys rotated at their index (see make_cache)."""
+    if max_kv_size is not None and not rotated_keys:
+        raise QwenMLXError("--max-kv-size: SelfExtend and dual chunk attention place every token by its index "
+                           "from the start, which evicting old tokens would change; leave the cache unbounded")
+
+
 def make_cache(model, max_kv_size: int | None = None, kv_bits: int | None = None,
                keep: int = 4) -> list[KVCache]:
-    """One cache per decoder layer, in the order model(tokens, cache) expects."""
+    """One cache per decoder layer, in the order model(tokens, cache) expects.
+
+    Where the model's attention places keys other than at their index (attention.py), the rotating cache
+    cannot serve: evicting changes every later token's index, and so where such attention places it.
+    """
     group_size = kv_group_size(model.config.head_dim) if kv_bits else 64
+    rotated_keys = model.layers[0].self_attn.rotated_keys
     if max_kv_size is not None:
+        check_bound(max_kv_size, rotated_keys)
         return [RotatingKVCache(max_kv_size, keep, kv_bits, group_size) for _ in model.layers]
-    return [KVCache(kv_bits, group_size) for _ in model.layers]
+    return [KVCache(kv_bits, group_size, rotated_keys) for _ in model.layers]
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -321,7 +345,7 @@ def rebuild_cache(description: dict, buffers: list[mx.array]) -> KVCache:
         cache = RotatingKVCache(d["max_size"], d["keep"], d["bits"], d["group_size"], d["evict"])
         cache.evicted = d["evicted"]
     elif d["type"] == "KVCache":
-        cache = KVCache(d["bits"], d["group_size"])
+        cache = KVCache(d["bits"], d["group_size"], d.get("rotated_keys", True))
     else:
         raise ValueError(f"unknown cache type {d['type']!r}")
     if any(b.ndim != 4 or b.shape[2] < d["offset"] for b in buffers):

@@ -56,6 +56,16 @@ class ChatSession:
     def set_system(self, text: str | None) -> None:
         self.system = text or None
 
+    def switch_thinking(self, on: bool) -> str:
+        """/think or /no_think; the line that says what it does. A 2507 model's template decides alone, so there
+        it changes nothing, which the line says."""
+        self.thinking = on
+        thinks_anyway = self.tokenizer.thinks(not on)
+        if thinks_anyway == self.tokenizer.thinks(on):
+            return (f"this model's thinking is fixed: it {'always' if thinks_anyway else 'never'} thinks, "
+                    "whatever /think or /no_think say")
+        return f"thinking {on_off(on)}"
+
     @property
     def context_used(self) -> int:
         """Tokens the cache holds now."""
@@ -85,7 +95,8 @@ class ChatSession:
             reused = self._reuse_cache(prompt)
             turn.reused_tokens, turn.prefilled_tokens = reused, len(prompt) - reused
             evicted_before = self.cache[0].evicted
-            sampling = default_sampling(self.thinking, self.tokenizer.generation_config, **self.sampling_overrides)
+            sampling = default_sampling(self.tokenizer.thinks(self.thinking), self.tokenizer.generation_config,
+                                        **self.sampling_overrides)
             steps = stream_generate(self.model, self.tokenizer, prompt[reused:], cache=self.cache,
                                     sampling=sampling, max_tokens=self.max_tokens,
                                     thinking_budget=self.thinking_budget, prefill_step=self.prefill_step)

@@ -170,8 +170,7 @@ class ChatTerminal:
         if name in ("/exit", "/quit"):
             return "exit"
         if name in ("/think", "/no_think"):
-            session.thinking = name == "/think"
-            self.console.print(f"thinking {'on' if session.thinking else 'off'}")
+            self.console.print(session.switch_thinking(name == "/think"), highlight=False)
         elif name == "/hide_thinking":
             self.hide_thinking = not self.hide_thinking
             self.console.print(f"thinking {'hidden' if self.hide_thinking else 'shown'} while streaming")

@@ -16,7 +16,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ModelConfig, read_config
+from .attention import check_past_window
+from .config import ModelConfig, read_config, with_qwen_dual_chunk
 from .errors import QwenMLXError
 from .model import Model
 from .parallel import Cores
@@ -236,15 +237,34 @@ def load_model(
     dtype: mx.Dtype | None = None,
     lazy: bool = False,
     threads: int | None = None,
+    self_extend: dict | None = None,
+    dual_chunk: bool = False,
+    sparse_prefill: bool = False,
 ) -> tuple[Model, Path]:
     """Build the model its config.json describes and fill it from the checkpoint's safetensors.
 
     threads: CPU cores the large matmuls are split over (default: all; ignored on a GPU).
+    self_extend: {"group_size": G, "window": W} runs SelfExtend attention (attention.py).
+    dual_chunk: Qwen's dual chunk attention on a 2507 model, as its config_1m.json would (attention.py).
+    sparse_prefill: dual chunk attention's prefill follows the config's sparse_attention_config (MInference).
     """
+    check_past_window(self_extend, dual_chunk)
     model_dir = resolve_model_dir(path_or_hub_id)
     config = read_config(model_dir)
     if rope_scaling is not None:
         config.rope_scaling = rope_scaling or None  # {} switches YaRN off
+        if config.rope_scaling and config.dual_chunk_attention_config:
+            raise QwenMLXError(f"{model_dir}: its config turns dual chunk attention on, which keeps every position "
+                               "trained; YaRN cannot be added to it")
+    if self_extend is not None and config.dual_chunk_attention_config:
+        raise QwenMLXError(f"{model_dir}: its config turns dual chunk attention on; --self-extend cannot replace it")
+    config.self_extend = self_extend
+    if dual_chunk:
+        with_qwen_dual_chunk(config, str(model_dir / "config.json"))
+    if sparse_prefill and not config.dual_chunk_attention_config:
+        raise QwenMLXError(f"{model_dir}: --sparse-prefill is part of dual chunk attention's prefill, which this "
+                           "model's config does not turn on (Qwen's config_1m.json does)")
+    config.sparse_prefill = sparse_prefill
     model = Model(config)
     weights = to_mlx_layout(read_weights(model_dir), config)
     if any(k.endswith(".scales") for k in weights):
@@ -267,14 +287,20 @@ def load_model(
 
 
 def load(path_or_hub_id: str | Path, *, rope_scaling: dict | None = None, dtype: mx.Dtype | None = None,
-         threads: int | None = None):
+         threads: int | None = None, self_extend: dict | None = None, dual_chunk: bool = False,
+         sparse_prefill: bool = False):
     """(model, tokenizer) from a local dir or a Hub id; rope_scaling overrides the config's (e.g. YaRN factor 4).
+
+    self_extend: {"group_size": G, "window": W} reads ~G times past the trained window (attention.py);
+    dual_chunk: dual chunk attention with Qwen's settings, to 1M tokens on a 2507 model;
+    sparse_prefill: its prefill sparse, as the config's sparse_attention_config says (attention.SparsePrefill).
 
     The tokenizer comes first: a broken tokenizer or chat template is reported before any weight is read.
     """
     model_dir = resolve_model_dir(path_or_hub_id)
     tokenizer = Tokenizer.from_dir(model_dir)
-    model, _ = load_model(model_dir, rope_scaling=rope_scaling, dtype=dtype, threads=threads)
+    model, _ = load_model(model_dir, rope_scaling=rope_scaling, dtype=dtype, threads=threads,
+                          self_extend=self_extend, dual_chunk=dual_chunk, sparse_prefill=sparse_prefill)
     return model, tokenizer
 
 
@@ -302,6 +328,7 @@ def describe_model(path_or_hub_id: str | Path) -> dict:
         "experts": f"{c.num_experts}, {c.num_experts_per_tok} per token" if c.num_experts else "dense",
         "context": c.max_position_embeddings,
         "rope_scaling": c.rope_scaling,
+        "dual_chunk_attention": c.dual_chunk_attention_config,
         "quantization": {k: q[k] for k in ("bits", "group_size", "mode") if k in q} if q else None,
         "size_on_disk_gb": round(n_bytes / 1e9, 3),
         "stored_elements": n_params,

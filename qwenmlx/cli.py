@@ -91,14 +91,27 @@ def default_model_dir():
     return _pull_with_bars(DEFAULT_REPO, None, None).dst
 
 
-def load_weights(model_dir, threads: int | None, memory_check: bool, context: int | None, **levers):
-    """The model's weights, once the memory check (weights + KV cache at `context`) says they fit."""
+def load_weights(model_dir, threads: int | None, memory_check: bool, context: int | None,
+                 attention: dict | None = None, **levers):
+    """The model's weights, once the memory check (weights + KV cache at `context`) says they fit.
+
+    attention: load_model's self_extend and dual_chunk, as attention_options gives them.
+    """
     from .checkpoint import load_model
     from .memory import check_memory
 
     if memory_check:
-        check_memory(model_dir, context, **levers)
-    return load_model(model_dir, threads=threads)[0]
+        check_memory(model_dir, context, attention=attention, **levers)
+    return load_model(model_dir, threads=threads, **(attention or {}))[0]
+
+
+def attention_options(self_extend: str | None, dual_chunk: bool, sparse_prefill: bool) -> dict:
+    """--self-extend G:W, --dual-chunk and --sparse-prefill, checked, as load_model takes them."""
+    from .attention import check_past_window, parse_self_extend
+
+    options = {"self_extend": None if self_extend is None else parse_self_extend(self_extend), "dual_chunk": dual_chunk}
+    check_past_window(**options)
+    return {**options, "sparse_prefill": sparse_prefill}
 
 
 def sampling_options(temp, top_p, top_k, min_p, presence_penalty, repetition_penalty, seed) -> dict:
@@ -130,6 +143,14 @@ BUDGET_OPTION = typer.Option(None, "--thinking-budget", help="Close the thought 
 PREFILL_OPTION = typer.Option(None, "--prefill-step", help="Prompt tokens per prefill chunk (default: from free memory).")
 THREADS_OPTION = typer.Option(None, "--threads",
                               help="CPU cores the large matmuls are split over (default and most: all; a GPU ignores it).")
+SELF_EXTEND_OPTION = typer.Option(None, "--self-extend", metavar="G:W",
+                                  help="SelfExtend attention: exact positions within W tokens, grouped by G beyond "
+                                       "(reads ~G times the trained window).")
+DUAL_CHUNK_OPTION = typer.Option(False, "--dual-chunk",
+                                 help="Dual chunk attention with Qwen's 1M settings (2507 models, past 262,144 tokens).")
+SPARSE_PREFILL_OPTION = typer.Option(False, "--sparse-prefill",
+                                     help="Dual chunk attention's prefill sparse, per the config's sparse_attention_config "
+                                          "(MInference's patterns, as vLLM; slightly different results, no faster yet).")
 
 
 def _prompt_from_stdin() -> str:
@@ -154,6 +175,8 @@ def generate(prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt,
              repetition_penalty: float = REPETITION_OPTION, seed: int = SEED_OPTION,
              thinking_budget: int = BUDGET_OPTION, prefill_step: int = PREFILL_OPTION,
              threads: int = THREADS_OPTION, memory_check: bool = MEMORY_CHECK_OPTION,
+             self_extend: str = SELF_EXTEND_OPTION, dual_chunk: bool = DUAL_CHUNK_OPTION,
+             sparse_prefill: bool = SPARSE_PREFILL_OPTION,
              json_output: bool = typer.Option(False, "--json", help="Print JSON with the text, token counts, speeds.")):
     """One answer to one prompt, for scripts: the text on stdout (or JSON)."""
     import json
@@ -163,13 +186,14 @@ def generate(prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt,
     options = sampling_options(temp, top_p, top_k, min_p, presence_penalty, repetition_penalty, seed)
     check_generation(max_tokens, thinking_budget, prefill_step, **options)
     check_threads(threads)
+    attention = attention_options(self_extend, dual_chunk, sparse_prefill)
     text = _prompt_from_stdin() if prompt == "-" else prompt
     messages = prompt_messages(text, system)
     model_dir, tokenizer = open_model(model)
     tokens = tokenizer.apply_chat_template(messages, enable_thinking=think, tokenize=True)
-    llm = load_weights(model_dir, threads, memory_check, len(tokens) + max_tokens, prompt_tokens=len(tokens),
-                       context_option="--max-tokens")
-    sampling = default_sampling(think, tokenizer.generation_config, **options)
+    llm = load_weights(model_dir, threads, memory_check, len(tokens) + max_tokens, attention,
+                       prompt_tokens=len(tokens), context_option="--max-tokens")
+    sampling = default_sampling(tokenizer.thinks(think), tokenizer.generation_config, **options)
     pieces, stats = [], None
     for step in stream_generate(llm, tokenizer, tokens, sampling=sampling, max_tokens=max_tokens,
                                 thinking_budget=thinking_budget, prefill_step=prefill_step):
@@ -199,7 +223,8 @@ def chat(model: str = MODEL_OPTION,
          min_p: float = MIN_P_OPTION, presence_penalty: float = PRESENCE_OPTION,
          repetition_penalty: float = REPETITION_OPTION, seed: int = SEED_OPTION,
          thinking_budget: int = BUDGET_OPTION, prefill_step: int = PREFILL_OPTION, threads: int = THREADS_OPTION,
-         memory_check: bool = MEMORY_CHECK_OPTION):
+         memory_check: bool = MEMORY_CHECK_OPTION, self_extend: str = SELF_EXTEND_OPTION,
+         dual_chunk: bool = DUAL_CHUNK_OPTION, sparse_prefill: bool = SPARSE_PREFILL_OPTION):
     """Chat in the terminal, with thinking, prompt reuse across turns and /commands (/help)."""
     from .chat import ChatSession
     from .chat_terminal import ChatTerminal
@@ -208,9 +233,10 @@ def chat(model: str = MODEL_OPTION,
     options = sampling_options(temp, top_p, top_k, min_p, presence_penalty, repetition_penalty, seed)
     check_generation(max_tokens, thinking_budget, prefill_step, **options)
     check_threads(threads)
+    attention = attention_options(self_extend, dual_chunk, sparse_prefill)
     model_dir, tokenizer = open_model(model)
     with console.status(f"loading {model_dir}"):
-        llm = load_weights(model_dir, threads, memory_check, max_kv_size, kv_bits=kv_bits,
+        llm = load_weights(model_dir, threads, memory_check, max_kv_size, attention, kv_bits=kv_bits,
                            context_option="--max-kv-size", kv_bits_option=True)
     session = ChatSession(llm, tokenizer, system=system, thinking=think, max_kv_size=max_kv_size, kv_bits=kv_bits,
                           max_tokens=max_tokens, thinking_budget=thinking_budget, prefill_step=prefill_step, **options)
@@ -239,7 +265,8 @@ def serve(model: str = MODEL_OPTION,
           max_queue: int = typer.Option(16, "--max-queue", help="Requests that may wait; past that, 503."),
           max_batch: int = typer.Option(8, "--max-batch", help="Requests decoded together; past that, they wait."),
           prefill_step: int = PREFILL_OPTION, threads: int = THREADS_OPTION,
-          memory_check: bool = MEMORY_CHECK_OPTION):
+          memory_check: bool = MEMORY_CHECK_OPTION, self_extend: str = SELF_EXTEND_OPTION,
+          dual_chunk: bool = DUAL_CHUNK_OPTION, sparse_prefill: bool = SPARSE_PREFILL_OPTION):
     """A server for editors, coding agents, UIs: OpenAI's Chat Completions and Responses, Anthropic's Messages."""
     import logging
     import os
@@ -247,16 +274,21 @@ def serve(model: str = MODEL_OPTION,
 
     import uvicorn
 
+    from .attention import keys_at_their_index
+    from .cache import check_bound
+    from .config import read_config
     from .server import Engine, LoadedModel, create_app
     from .server.prompt_cache import default_directory
 
     if not 0 < port < 65536:
         raise QwenMLXError(f"--port {port}: must be between 1 and 65535")
     check_threads(threads)
+    attention = attention_options(self_extend, dual_chunk, sparse_prefill)
     model_dir, tokenizer = open_model(model)
+    check_bound(max_kv_size, keys_at_their_index(read_config(model_dir), attention))
 
     def load() -> LoadedModel:  # on the generation thread: MLX's streams belong to the thread that made them
-        llm = load_weights(model_dir, threads, memory_check, max_kv_size, kv_bits=kv_bits,
+        llm = load_weights(model_dir, threads, memory_check, max_kv_size, attention, kv_bits=kv_bits,
                            context_option="--max-kv-size", kv_bits_option=True)
         return LoadedModel(llm, tokenizer, llm.fingerprint)
 
@@ -633,6 +665,10 @@ def _closing_line(summary) -> str:
     else:
         strategy = "single pass"
     yarn = f"YaRN factor {summary.yarn_factor}" if summary.yarn_factor else "no YaRN"
+    if summary.plans[-1].self_extend:
+        yarn = "SelfExtend group {group_size}, window {window}".format(**summary.plans[-1].self_extend)
+    elif summary.plans[-1].dual_chunk_context:
+        yarn = "dual chunk attention"
     return (
         f"{strategy} · {yarn} · {summary.document_tokens:,} document tokens · final prompt {final.prompt_tokens:,} · "
         f"{summary.generated_tokens:,} generated · tokenise {s['tokenize']:.2f} s · prefill {s['prefill']:.2f} s · "
@@ -672,20 +708,25 @@ def summarize(
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead; no progress bars."),
     threads: int = THREADS_OPTION,
     memory_check: bool = MEMORY_CHECK_OPTION,
+    self_extend: str = SELF_EXTEND_OPTION,
+    dual_chunk: bool = DUAL_CHUNK_OPTION,
+    sparse_prefill: bool = SPARSE_PREFILL_OPTION,
 ):
-    """Summarise a file of any length: in one pass, with YaRN when needed, or in parts (map-reduce)."""
+    """Summarise a file of any length: in one pass (with YaRN or dual chunk attention when needed) or in parts."""
     import json
     from contextlib import nullcontext
     from pathlib import Path
 
+    from .config import read_config
     from .destinations import check_output_file, write_text_atomically
     from .documents import read_document
-    from .summarize import SummaryOptions
+    from .summarize import SummaryOptions, needs_dual_chunk
     from .summarize import summarize as summarize_document
 
     options = SummaryOptions(style=style, lang=lang, max_tokens=max_tokens, think=think)
     options.check()
     check_threads(threads)
+    attention = attention_options(self_extend, dual_chunk, sparse_prefill)
     if out is not None:
         inputs = {"document": Path(file)} if file != "-" else {}
         if Path(model).expanduser().exists():
@@ -695,9 +736,11 @@ def summarize(
     if document.note and not json_output:
         stderr.print(f"[yellow]note:[/yellow] {document.note}", highlight=False, soft_wrap=True)
     model_dir, tokenizer = open_model(model)
+    if attention["self_extend"] is None and needs_dual_chunk(read_config(model_dir), tokenizer, document.text, options):
+        attention["dual_chunk"] = True
     with stderr.status(f"loading {model_dir}", spinner="dots") if not json_output else nullcontext():
         # At least the answer must fit; the strategy then fits the document into what is left, in parts if need be.
-        llm = load_weights(model_dir, threads, memory_check, max_tokens * (2 if think else 1),
+        llm = load_weights(model_dir, threads, memory_check, max_tokens * (2 if think else 1), attention,
                            context_option="--max-tokens")
     progress = None if json_output else SummaryBars()
     try:

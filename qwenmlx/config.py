@@ -37,6 +37,12 @@ class ModelConfig:
     mlp_only_layers: list = field(default_factory=list)
     # mlx-lm's layout: {"bits", "group_size", "mode", "<module path>": {...} | False}.
     quantization: dict | None = None
+    # Not in Qwen's config.json: set by load(path, self_extend=...) (see attention.py).
+    self_extend: dict | None = None
+    # Qwen's config_1m.json (the 2507 models past 262,144 tokens): dual chunk attention (see attention.py).
+    dual_chunk_attention_config: dict | None = None
+    # Not in Qwen's config.json: set by load(path, sparse_prefill=True) (see attention.SparsePrefill).
+    sparse_prefill: bool = False
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -103,7 +109,7 @@ def _is_mlx_quantization(section: Any) -> bool:
 
 def _check_shapes(c: ModelConfig, source: str) -> None:
     def fail(name: str, why: str):
-        raise QwenMLXError(f"{source}: field '{name}' {why}")
+        _fail(source, name, why)
 
     for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "head_dim", "intermediate_size", "max_position_embeddings"):
@@ -130,6 +136,8 @@ def _check_shapes(c: ModelConfig, source: str) -> None:
         fail("rms_norm_eps", f"must be a positive number, got {c.rms_norm_eps!r}")
     if c.rope_scaling is not None:
         _check_rope_scaling(c.rope_scaling, fail)
+    if c.dual_chunk_attention_config is not None:
+        _check_dual_chunk(c.dual_chunk_attention_config, c.rope_scaling, fail)
 
 
 def _positive_number(x: Any) -> bool:
@@ -149,6 +157,43 @@ def _check_rope_scaling(scaling: Any, fail) -> None:
     original = scaling.get("original_max_position_embeddings")
     if original is not None and (isinstance(original, bool) or not isinstance(original, int) or original <= 0):
         fail("rope_scaling", f"has original_max_position_embeddings {original!r}; it must be a positive integer")
+
+
+def _check_dual_chunk(section: Any, rope_scaling: dict | None, fail) -> None:
+    """The fields vLLM's dual-chunk attention reads: chunk_size > local_size >= 0, original_max_position_embeddings."""
+    name = "dual_chunk_attention_config"
+    if not isinstance(section, dict):
+        fail(name, f"must be an object or null, got {section!r}")
+    chunk, local = section.get("chunk_size"), section.get("local_size")
+    original = section.get("original_max_position_embeddings", 0)
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in (chunk, local, original)):
+        fail(name, f"needs whole numbers chunk_size, local_size and original_max_position_embeddings, got {section!r}")
+    if not 0 <= local < chunk or original < 0:
+        fail(name, f"needs chunk_size > local_size >= 0 and original_max_position_embeddings >= 0, got {section!r}")
+    if rope_type(rope_scaling) != "default":
+        fail(name, "cannot be combined with rope_scaling (YaRN): dual chunk attention keeps every position trained")
+
+
+# Qwen's config_1m.json for the 2507 models (as for Qwen2.5-1M): chunks of the 262,144 trained positions.
+QWEN_DUAL_CHUNK = {"chunk_size": 262144, "local_size": 8192, "original_max_position_embeddings": 262144}
+QWEN_1M_POSITIONS = 1010000
+
+
+def with_qwen_dual_chunk(c: ModelConfig, source: str) -> None:
+    """What Qwen's config_1m.json changes, on a config without it: dual chunk attention on, 1,010,000 positions."""
+    if c.dual_chunk_attention_config:
+        return
+    if c.max_position_embeddings < QWEN_DUAL_CHUNK["chunk_size"]:
+        raise QwenMLXError(
+            f"{source}: --dual-chunk applies Qwen's settings for models trained on 262,144 positions (the 2507 "
+            f"models); this one has {c.max_position_embeddings:,} (for it: YaRN, or --self-extend)")
+    _check_dual_chunk(QWEN_DUAL_CHUNK, c.rope_scaling, lambda name, why: _fail(source, name, why))
+    c.dual_chunk_attention_config = dict(QWEN_DUAL_CHUNK)
+    c.max_position_embeddings = max(c.max_position_embeddings, QWEN_1M_POSITIONS)
+
+
+def _fail(source: str, name: str, why: str):
+    raise QwenMLXError(f"{source}: field '{name}' {why}")
 
 
 def read_config(model_dir: Path) -> ModelConfig:

@@ -307,6 +307,8 @@ def generate_tokens(
             unyielded_logprobs.append((logits - mx.logsumexp(logits, axis=-1, keepdims=True))[0])
         return sample(logits, counts)
 
+    for c in cache:
+        c.prompt_end = c.offset + len(prompt_tokens)
     mx.reset_peak_memory()
     start = time.perf_counter()
     prefill(model, cache, prompt_tokens[:-1], prefill_step, on_prefill_progress)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .attention import keys_at_their_index
 from .checkpoint import SAFETENSORS_DTYPE_BYTES, compute_dtype, is_dropped, safetensors_header, weight_files
-from .config import read_config
+from .config import ModelConfig, read_config
 from .errors import QwenMLXError
 from .generate import available_memory
 from .strategy import Limits, config_limits
@@ -41,15 +42,31 @@ def model_limits(model_dir: Path, *, budget: int | None = None, dtype: mx.Dtype 
     return config_limits(read_config(model_dir), weights_in_memory(model_dir, dtype), dtype.size, budget)
 
 
+def unbounded_context(config: ModelConfig) -> int:
+    """The context checked for a command with no bound: the model's window, but for dual chunk attention
+    (Qwen's config_1m.json: 1,010,000 positions) its trained window, 262,144 tokens for the 2507 models; a
+    chat that grows past it is one a million-token cache would have refused from the start."""
+    if config.dual_chunk_attention_config:
+        return config.dual_chunk_attention_config.get("original_max_position_embeddings") or \
+            config.max_position_embeddings
+    return config.max_position_embeddings
+
+
 def check_memory(model_dir: Path, context: int | None = None, *, kv_bits: int | None = None, prompt_tokens: int = 0,
-                 context_option: str | None = None, kv_bits_option: bool = False, budget: int | None = None) -> None:
+                 context_option: str | None = None, kv_bits_option: bool = False, budget: int | None = None,
+                 attention: dict | None = None) -> None:
     """Refuse, in one line saying by how much and what would fit, a model whose weights and KV cache do not fit.
 
-    context: the tokens the command may hold (default: the model's whole window); context_option and
-    kv_bits_option: the command's flags that shrink the cache, offered when they make it fit.
+    context: the tokens the command may hold (default: unbounded_context); context_option and kv_bits_option:
+    the command's flags that shrink the cache, offered when they make it fit. attention: load_model's
+    self_extend and dual_chunk; with either (or a config carrying dual chunk attention) the rotating cache
+    of --max-kv-size cannot hold the keys (make_cache refuses it), so it is not offered.
     """
+    config = read_config(model_dir)
     limits = model_limits(model_dir, budget=budget)
-    context = context or read_config(model_dir).max_position_embeddings
+    context = context or unbounded_context(config)
+    if context_option == "--max-kv-size" and not keys_at_their_index(config, attention):
+        context_option = None
     needed = limits.memory_needed(context, kv_bits)
     if needed <= limits.memory_budget:
         return

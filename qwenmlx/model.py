@@ -4,14 +4,15 @@ Dense Qwen3 (Qwen3-0.6B ... 32B) is the same network with an MLP in every layer 
 the sparse mixture of experts.
 """
 
-import copy
 from functools import partial
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from .attention import Attention, make_attention
 from .config import ModelConfig
+from .fused import concatenate_rows
 from .parallel import NO_CORES, Cores
 from .rope import RoPE
 
@@ -19,26 +20,6 @@ from .rope import RoPE
 @partial(mx.compile, shapeless=True)
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:
     return nn.silu(gate) * up
-
-
-def concatenate_rows(layers: list[nn.Module]) -> nn.Module | None:
-    """One layer computing the outputs of all `layers` side by side; None where their storage differs.
-
-    Fewer, larger matmuls per token. Stacking output rows is exact, quantized or not: each row keeps its groups.
-    """
-
-    def storage(m: nn.Module):
-        return type(m), getattr(m, "bits", None), getattr(m, "group_size", None), getattr(m, "mode", None), "bias" in m
-
-    if any(storage(m) != storage(layers[0]) for m in layers):
-        return None
-    fused = copy.copy(layers[0])
-    for name in ("weight", "scales", "biases"):
-        if layers[0].get(name) is not None:
-            fused[name] = mx.concatenate([m[name] for m in layers], axis=-2)
-    if "bias" in fused:
-        fused["bias"] = mx.concatenate([m["bias"] for m in layers], axis=-1)
-    return fused
 
 
 def fuse_gate_up(block: nn.Module) -> None:
@@ -53,61 +34,6 @@ def gate_and_up(block: nn.Module, project) -> tuple[mx.array, mx.array]:
     if "gate_up_proj" in block:
         return mx.split(project(block.gate_up_proj), 2, axis=-1)
     return project(block.gate_proj), project(block.up_proj)
-
-
-class Attention(nn.Module):
-    """Grouped-query attention with per-head RMSNorm on q and k before RoPE."""
-
-    cores = NO_CORES  # where the projections are split (see parallel.py)
-
-    def __init__(self, c: ModelConfig, rope: RoPE):
-        super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.eps = c.rms_norm_eps
-        self.q_proj = nn.Linear(c.hidden_size, self.n_heads * c.head_dim, bias=c.attention_bias)
-        self.k_proj = nn.Linear(c.hidden_size, self.n_kv_heads * c.head_dim, bias=c.attention_bias)
-        self.v_proj = nn.Linear(c.hidden_size, self.n_kv_heads * c.head_dim, bias=c.attention_bias)
-        self.o_proj = nn.Linear(self.n_heads * c.head_dim, c.hidden_size, bias=c.attention_bias)
-        self.q_norm = nn.RMSNorm(c.head_dim, eps=c.rms_norm_eps)
-        self.k_norm = nn.RMSNorm(c.head_dim, eps=c.rms_norm_eps)
-        self.set_rope(rope)
-
-    def set_rope(self, rope: RoPE) -> None:
-        self.rope = rope
-        # YaRN scales q and k each by attention_factor; here that product lands on the scores.
-        self.scale = self.head_dim**-0.5 * rope.attention_factor**2
-
-    def fuse(self) -> None:
-        """After loading: one q|k|v projection where their quantization agrees, and the two norms' weights as one."""
-        qkv = concatenate_rows([self.q_proj, self.k_proj, self.v_proj])
-        if qkv is not None:
-            self.qkv_proj = qkv
-            del self.q_proj, self.k_proj, self.v_proj
-        # Normalising q and k heads in one call needs each head's weight: q's for query heads, k's for key heads.
-        self._qk_norm_weight = mx.concatenate([
-            mx.broadcast_to(self.q_norm.weight, (self.n_heads, self.head_dim)),
-            mx.broadcast_to(self.k_norm.weight, (self.n_kv_heads, self.head_dim)),
-        ])
-
-    def __call__(self, x: mx.array, cache: Any | None = None) -> mx.array:
-        B, L, _ = x.shape
-        if "qkv_proj" in self:
-            qkv = self.cores.rows(self.qkv_proj, x)
-        else:
-            qkv = mx.concatenate([self.cores.rows(p, x) for p in (self.q_proj, self.k_proj, self.v_proj)], axis=-1)
-        heads = qkv.reshape(B, L, -1, self.head_dim).transpose(0, 2, 1, 3)  # [B, q|k|v heads, L, head_dim]
-        n_qk = self.n_heads + self.n_kv_heads
-        # q and k: normalised per head, then rotated, each in one call over both.
-        qk = mx.fast.rms_norm(heads[:, :n_qk], None, self.eps) * self._qk_norm_weight[:, None]
-        qk = self.rope(qk, cache.offset if cache is not None else 0)
-        q, k, v = qk[:, : self.n_heads], qk[:, self.n_heads :], heads[:, n_qk:]
-
-        if cache is None:
-            mask = "causal" if L > 1 else None
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        else:
-            out = cache.attend(q, k, v, self.scale, self.rope, self.cores)
-        return self.cores.rows(self.o_proj, out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
 class MLP(nn.Module):
@@ -216,9 +142,9 @@ class SparseMoeBlock(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, c: ModelConfig, layer_idx: int, rope: RoPE):
+    def __init__(self, c: ModelConfig, layer_idx: int):
         super().__init__()
-        self.self_attn = Attention(c, rope)
+        self.self_attn = make_attention(c, layer_idx)
         self.input_layernorm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self.mlp = SparseMoeBlock(c) if c.is_moe_layer(layer_idx) else MLP(c.hidden_size, c.intermediate_size)
@@ -233,10 +159,10 @@ class DecoderLayer(nn.Module):
 
 
 class Qwen3Body(nn.Module):
-    def __init__(self, c: ModelConfig, rope: RoPE):
+    def __init__(self, c: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = [DecoderLayer(c, i, rope) for i in range(c.num_hidden_layers)]
+        self.layers = [DecoderLayer(c, i) for i in range(c.num_hidden_layers)]
         self.norm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
 
 
@@ -249,13 +175,9 @@ class Model(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.model = Qwen3Body(config, self._make_rope(config.rope_scaling))
+        self.model = Qwen3Body(config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-
-    def _make_rope(self, scaling: dict | None) -> RoPE:
-        c = self.config
-        return RoPE(c.head_dim, c.rope_theta, scaling, c.max_position_embeddings)
 
     def load_weights(self, weights, strict: bool = True) -> "Model":
         """Load (names and shapes as on disk), then fuse projections for fewer kernels per token."""
@@ -276,8 +198,8 @@ class Model(nn.Module):
 
     def set_rope_scaling(self, scaling: dict | None) -> None:
         """Switch YaRN on, off or to another factor without reloading weights (Qwen: enable it only when needed)."""
-        rope = self._make_rope(scaling)
         self.config.rope_scaling = scaling
+        rope = RoPE.for_config(self.config)
         for layer in self.layers:
             layer.self_attn.set_rope(rope)
 

@@ -86,7 +86,19 @@ class RoPE(nn.Module):
         # mx.fast.rope takes wavelengths-per-radian (1 / inv_freq); underscore keeps it out of the weights.
         self._freqs = mx.array(1.0 / inv_freq.astype(np.float64), dtype=mx.float32)
 
+    @classmethod
+    def for_config(cls, c) -> "RoPE":
+        """The rotation a model config (config.ModelConfig) asks for, YaRN included."""
+        return cls(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings)
+
     def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
         return mx.fast.rope(
             x, self.head_dim, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._freqs
         )
+
+    def at(self, x: mx.array, positions: mx.array) -> mx.array:
+        """(B, heads, L, head_dim) rotated token by token to positions [L]: each token alone on the batch axis."""
+        B, H, L, D = x.shape
+        tokens = x.transpose(0, 2, 1, 3).reshape(B * L, H, 1, D)
+        rotated = self(tokens, mx.tile(positions.astype(mx.int32), B))
+        return rotated.reshape(B, L, H, D).transpose(0, 2, 1, 3)

@@ -4,7 +4,10 @@ Qwen's guidance: Qwen3 handles 32,768 tokens natively; YaRN stretches that by it
 4 for 131,072), but static YaRN costs some quality on short texts, so it is enabled only when needed and
 with the smallest factor that is enough. Memory is checked too: the weights plus the KV cache at that
 length, trying an 8-bit KV cache (about half the size) before giving up on a single pass. Whatever fits
-in neither is summarised in parts (map-reduce, in summarize.py).
+in neither is summarised in parts (map-reduce, in summarize.py). A model loaded with SelfExtend (asked for
+by the user, never chosen here) reads its own longer window instead of YaRN. The 2507 models (262,144
+native tokens) go past their window with dual chunk attention, Qwen's way for them, up to the 1,010,000
+positions of Qwen's config_1m.json, never with YaRN.
 
 Every number comes in through Limits, so the boundaries are testable on a tiny model.
 """
@@ -16,10 +19,12 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .cache import KVCache, kv_cache_bytes, kv_elements_per_token, kv_group_size
+from .config import QWEN_1M_POSITIONS, QWEN_DUAL_CHUNK
 from .errors import QwenMLXError
 from .generate import available_memory
 
-SINGLE_PASS, YARN, MAP_REDUCE = "single pass", "YaRN", "map-reduce"
+SINGLE_PASS, YARN, SELF_EXTEND, DUAL_CHUNK, MAP_REDUCE = (
+    "single pass", "YaRN", "SelfExtend", "dual chunk attention", "map-reduce")
 MAX_YARN_FACTOR = 4  # Qwen validates YaRN up to 131,072 tokens, factor 4 on 32,768
 # Qwen3's config.json declares 40,960 positions, but Qwen documents 32,768 as the native context: the YaRN base.
 DOCUMENTED_NATIVE_CONTEXT = {40960: 32768}
@@ -27,8 +32,9 @@ KV_CACHE_BITS = (None, 8)  # full precision first; an 8-bit cache when that is w
 
 
 def native_context(config) -> int:
-    """The context the model handles without YaRN: the YaRN base if the config names one."""
-    original = (config.rope_scaling or {}).get("original_max_position_embeddings")
+    """The context the model handles without YaRN: the YaRN or dual chunk base if the config names one."""
+    original = (config.rope_scaling or config.dual_chunk_attention_config or {}).get(
+        "original_max_position_embeddings")
     if original:
         return int(original)
     return DOCUMENTED_NATIVE_CONTEXT.get(config.max_position_embeddings, config.max_position_embeddings)
@@ -41,6 +47,14 @@ def yarn_scaling(factor: int | None, native: int) -> dict | None:
     return {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": native}
 
 
+def self_extend_context(native: int, self_extend: dict) -> int:
+    """The tokens SelfExtend keeps within the trained positions: the last query's grouped position < native."""
+    group, window = self_extend["group_size"], self_extend["window"]
+    if window >= native:
+        return native
+    return (native - window + window // group) * group
+
+
 @dataclass
 class Limits:
     """What bounds one generation: the native window, and the memory for the weights plus the KV cache."""
@@ -51,6 +65,8 @@ class Limits:
     kv_elements_per_token: int  # keys and values, all layers
     kv_dtype_bytes: int  # an unquantized cache stores the compute dtype
     kv_group_size: int | None  # None: this head_dim cannot have a quantized cache
+    self_extend: dict | None = None  # the model's SelfExtend settings, when loaded with them
+    dual_chunk_context: int | None = None  # the positions dual chunk attention reads, when the model has it on
 
     def kv_cache_bytes(self, tokens: int, kv_bits: int | None = None) -> int:
         return kv_cache_bytes(self.kv_elements_per_token, tokens, kv_bits, self.kv_dtype_bytes, self.kv_group_size)
@@ -95,6 +111,8 @@ def config_limits(config, weights_bytes: int, dtype_bytes: int, memory_budget: i
         kv_elements_per_token=kv_elements_per_token(config),
         kv_dtype_bytes=dtype_bytes,
         kv_group_size=group_size,
+        self_extend=config.self_extend,
+        dual_chunk_context=config.max_position_embeddings if config.dual_chunk_attention_config else None,
     )
 
 
@@ -102,7 +120,7 @@ def config_limits(config, weights_bytes: int, dtype_bytes: int, memory_budget: i
 class Plan:
     """How one generation runs, and why."""
 
-    strategy: str  # SINGLE_PASS, YARN or MAP_REDUCE
+    strategy: str  # SINGLE_PASS, YARN, SELF_EXTEND or MAP_REDUCE
     prompt_tokens: int
     answer_tokens: int  # reserved for the answer (and the thinking, when on)
     native_context: int
@@ -110,6 +128,25 @@ class Plan:
     kv_bits: int | None = None  # None: full-precision KV cache
     memory_needed: int = 0  # bytes: weights + KV cache at prompt + answer tokens
     memory_budget: int = 0
+    self_extend: dict | None = None  # the loaded model's SelfExtend settings (no YaRN then)
+    dual_chunk_context: int | None = None  # the loaded model's dual chunk attention reach (no YaRN then)
+    fits_tokens: int = 0  # the most tokens memory holds, with the smallest KV cache on offer
+
+    @property
+    def longest(self) -> int:
+        """The most tokens one generation may hold: SelfExtend's or dual chunk attention's reach, or YaRN's."""
+        if self.self_extend:
+            return self_extend_context(self.native_context, self.self_extend)
+        if self.dual_chunk_context:
+            return self.dual_chunk_context
+        if self.is_2507:
+            return self.native_context  # Qwen takes these past their window with dual chunk attention, not YaRN
+        return self.native_context * MAX_YARN_FACTOR
+
+    @property
+    def is_2507(self) -> bool:
+        """A model trained on the 262,144 positions of the 2507 models."""
+        return self.native_context >= QWEN_DUAL_CHUNK["original_max_position_embeddings"]
 
     @property
     def context_tokens(self) -> int:
@@ -126,25 +163,50 @@ class Plan:
             window = self.native_context * self.yarn_factor
             return (f"YaRN factor {self.yarn_factor}: {tokens} exceed the native {self.native_context:,} "
                     f"but fit {window:,} ({memory}{kv})")
-        longest = self.native_context * MAX_YARN_FACTOR
-        if self.context_tokens > longest:
-            return f"map-reduce: {tokens} exceed {longest:,}, the most YaRN factor {MAX_YARN_FACTOR} allows"
-        return f"map-reduce: {tokens} need {memory}, even with an 8-bit KV cache"
+        if self.strategy == SELF_EXTEND:
+            grouping = f"group {self.self_extend['group_size']}, window {self.self_extend['window']:,}"
+            return (f"SelfExtend ({grouping}, as asked): {tokens} exceed the native {self.native_context:,} "
+                    f"but fit its {self.longest:,} ({memory}{kv})")
+        if self.strategy == DUAL_CHUNK:
+            return (f"dual chunk attention (Qwen's way past the window of the 2507 models): {tokens} exceed the "
+                    f"native {self.native_context:,} but fit its {self.longest:,} ({memory}{kv})")
+        if self.context_tokens > self.longest:
+            if self.self_extend:
+                most = "SelfExtend's window"
+            elif self.dual_chunk_context:
+                most = "dual chunk attention's reach"
+            elif self.is_2507:
+                most = f"the native window (dual chunk attention, --dual-chunk, reads {QWEN_1M_POSITIONS:,})"
+            else:
+                most = f"the most YaRN factor {MAX_YARN_FACTOR} allows"
+            return f"map-reduce: {tokens} exceed {self.longest:,}, {most}"
+        return (f"map-reduce: {tokens} need {memory}, even with an 8-bit KV cache; "
+                f"{self.fits_tokens:,} tokens fit in this memory")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "context_tokens": self.context_tokens, "description": self.describe()}
 
 
 def choose_strategy(prompt_tokens: int, answer_tokens: int, limits: Limits) -> Plan:
-    """The first that fits: native window, then the smallest YaRN factor; full-precision KV, then 8-bit."""
+    """The first that fits: native window, then the smallest YaRN factor (or, on a model loaded with
+    SelfExtend or dual chunk attention, their reach); full-precision KV, then 8-bit."""
     context = prompt_tokens + answer_tokens
     factor = max(1, math.ceil(context / limits.native_context))
-    plan = Plan(MAP_REDUCE, prompt_tokens, answer_tokens, limits.native_context, memory_budget=limits.memory_budget)
-    if factor > MAX_YARN_FACTOR:
+    plan = Plan(MAP_REDUCE, prompt_tokens, answer_tokens, limits.native_context, memory_budget=limits.memory_budget,
+                self_extend=limits.self_extend, dual_chunk_context=limits.dual_chunk_context,
+                fits_tokens=limits.longest_context())
+    if context > plan.longest:
         return plan
     for kv_bits in limits.kv_bits_options():
         plan.kv_bits, plan.memory_needed = kv_bits, limits.memory_needed(context, kv_bits)
         if plan.memory_needed <= limits.memory_budget:
-            plan.strategy, plan.yarn_factor = (SINGLE_PASS, None) if factor == 1 else (YARN, factor)
+            if factor == 1:
+                plan.strategy = SINGLE_PASS
+            elif limits.self_extend:
+                plan.strategy = SELF_EXTEND
+            elif limits.dual_chunk_context:
+                plan.strategy = DUAL_CHUNK
+            else:
+                plan.strategy, plan.yarn_factor = YARN, factor
             return plan
     return plan

@@ -16,11 +16,12 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 from .cache import make_cache
+from .config import QWEN_DUAL_CHUNK, ModelConfig
 from .documents import Document
 from .errors import QwenMLXError
 from .generate import THINKING_BUDGET_TEXT, Stats, Step, default_sampling, stream_generate
 from .splitting import split_text
-from .strategy import MAP_REDUCE, Limits, Plan, choose_strategy, limits_for, yarn_scaling
+from .strategy import MAP_REDUCE, Limits, Plan, choose_strategy, limits_for, native_context, yarn_scaling
 from .token_counts import TokenCounts
 
 STYLES = {
@@ -180,6 +181,21 @@ def rope_for(model, plan: Plan):
         model.set_rope_scaling(saved)
 
 
+def needs_dual_chunk(config: ModelConfig, tokenizer, text: str, options: SummaryOptions) -> bool:
+    """Whether a 2507 model should be loaded with dual chunk attention for this text (Qwen's way past its
+    262,144-token window): the text and the room for the answer and the thinking exceed the window.
+
+    The attention is chosen at load, so this is asked before loading. A text with fewer bytes than the
+    room is decided without tokenising it (a token is at least a byte).
+    """
+    native = native_context(config)
+    if config.dual_chunk_attention_config or native < QWEN_DUAL_CHUNK["original_max_position_embeddings"]:
+        return False
+    room = native - options.max_tokens * (2 if tokenizer.thinks(options.think) else 1)
+    text = text.strip()
+    return len(text.encode()) > room and TokenCounts(tokenizer, text).total > room
+
+
 class Summarizer:
     """One summarisation run over a model: plans, splits, generates, and keeps the figures."""
 
@@ -188,7 +204,8 @@ class Summarizer:
         options.check()
         self.model, self.tokenizer, self.options, self.limits = model, tokenizer, options, limits
         self.progress = progress or SummaryProgress()
-        self.sampling = default_sampling(options.think, tokenizer.generation_config, seed=options.seed)
+        self.thinking = tokenizer.thinks(options.think)  # a 2507 model thinks, or not, whatever is asked
+        self.sampling = default_sampling(self.thinking, tokenizer.generation_config, seed=options.seed)
         self.budget_text_tokens = len(tokenizer.encode(THINKING_BUDGET_TEXT))
         self.parts: list[PartSummary] = []
         self.plans: list[Plan] = []
@@ -199,7 +216,7 @@ class Summarizer:
 
     def reserved(self, answer_tokens: int) -> int:
         """Tokens one generation may produce: the answer, plus as many for thinking and the budget's closing text."""
-        return answer_tokens + (answer_tokens + self.budget_text_tokens if self.options.think else 0)
+        return answer_tokens + (answer_tokens + self.budget_text_tokens if self.thinking else 0)
 
     def prompt(self, instructions: str, text: str) -> list[int]:
         messages = [{"role": "user", "content": f"{text}\n\n{instructions}"}]
@@ -288,7 +305,7 @@ class Summarizer:
             steps = stream_generate(
                 self.model, self.tokenizer, prompt, cache=make_cache(self.model, kv_bits=plan.kv_bits),
                 sampling=self.sampling, max_tokens=plan.answer_tokens,
-                thinking_budget=answer_tokens if self.options.think else None,
+                thinking_budget=answer_tokens if self.thinking else None,
                 on_prefill_progress=self.progress.prefill,
             )
             text, stats = answer_text(steps, self.progress.answer if final else None, self.progress.thinking)

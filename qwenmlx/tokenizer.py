@@ -153,6 +153,15 @@ class Tokenizer:
             raise QwenMLXError("chat template: renders nothing for these messages")
         return self._encode_prompt(prompt, on_progress) if tokenize else self._unshield(prompt)
 
+    def thinks(self, requested: bool) -> bool:
+        """Whether the model thinks when thinking is `requested`: Qwen3's template follows the request, the 2507
+        models' decide alone (Thinking-2507 opens <think> in every prompt, Instruct-2507 never thinks)."""
+        if self._chat_template is None:
+            return requested
+        on, off = (self.apply_chat_template([{"role": "user", "content": "x"}], enable_thinking=flag)
+                   for flag in (True, False))
+        return requested if on != off else on.rstrip().endswith("<think>")
+
     def _shield(self, value):
         """value (messages, tools) with every special token in its strings replaced by a placeholder."""
         if isinstance(value, str):

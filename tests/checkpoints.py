@@ -1,6 +1,7 @@
 """Tiny random Qwen3 / Qwen3-MoE checkpoints, written by transformers itself (the reference)."""
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -72,6 +73,21 @@ def write_hub_style_config(model_dir: Path) -> None:
     config["rope_scaling"] = rope_parameters if rope_parameters.get("rope_type") != "default" else None
     config["torch_dtype"] = config.pop("dtype")
     path.write_text(json.dumps(config, indent=2))
+
+def checkpoint_variant(src: Path, dst: Path, changes: dict[str, bytes | dict]) -> Path:
+    """A copy of the model directory src at dst (weights linked, not copied) with some files changed."""
+    dst.mkdir()
+    for path in src.iterdir():
+        if path.suffix == ".safetensors":
+            (dst / path.name).symlink_to(path)
+        else:
+            shutil.copy(path, dst / path.name)
+    for name, change in changes.items():
+        if isinstance(change, dict):
+            change = json.dumps({**json.loads((dst / name).read_text()), **change}).encode()
+        (dst / name).write_bytes(change)
+    return dst
+
 
 # Each variant exercises one structural option of the config against transformers.
 MODEL_VARIANTS = {

@@ -5,9 +5,7 @@ that the row's `files` puts in `{tmp}` first. A row with `model_files` gets, as 
 in `{tmp}/model` with those files changed. After the run, `{tmp}` and `{model}` hold exactly what they held before.
 """
 
-import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from qwenmlx.cli import app
+from tests.checkpoints import checkpoint_variant
 
 
 @dataclass(frozen=True)
@@ -190,22 +189,34 @@ ROWS = [
     Row("pull-unknown-dtype", ("pull", "Qwen/Qwen3-30B-A3B", "{tmp}/out", "--dtype", "int8"), "--dtype"),
     Row("rm-a-path-out-of-the-models-dir", ("rm", "../x"), "not a model name"),
     Row("convert-repo-id-with-check", ("convert", "Qwen/Qwen3-30B-A3B", "{tmp}/out", "--check"), "--check"),
+    # --- attention past the trained window ---
+    Row("generate-self-extend-without-a-window", (*GENERATE, "--self-extend", "4"), "--self-extend must be G:W"),
+    Row("generate-self-extend-group-zero", (*GENERATE, "--self-extend", "0:1024"), "--self-extend must be G:W"),
+    Row("chat-self-extend-not-numbers", ("chat", "-m", "{model}", "--self-extend", "four:many"),
+        "--self-extend must be G:W"),
+    Row("chat-self-extend-with-a-rotating-cache", ("chat", "-m", "{model}", "--self-extend", "4:16",
+                                                   "--max-kv-size", "64"), "--max-kv-size: SelfExtend"),
+    Row("summarize-self-extend-negative-window", (*SUMMARIZE, "--self-extend", "4:-16"), "--self-extend must be G:W",
+        files=SHORT_DOCUMENT),
+    Row("serve-self-extend-with-a-rotating-cache", ("serve", "-m", "{model}", "--self-extend", "4:16",
+                                                    "--max-kv-size", "64"), "--max-kv-size: SelfExtend"),
+    Row("serve-self-extend-and-dual-chunk", ("serve", "-m", "{model}", "--self-extend", "4:16", "--dual-chunk"),
+        "choose one"),
+    Row("generate-sparse-prefill-without-dual-chunk-attention", (*GENERATE, "--sparse-prefill"),
+        "--sparse-prefill is part of dual chunk attention"),
+    Row("chat-sparse-prefill-without-sparse-attention-config", ("chat", "-m", "{model}", "--sparse-prefill"),
+        "this model's config has none",
+        model_files={"config.json": {"dual_chunk_attention_config": {"chunk_size": 24, "local_size": 8,
+                                                                     "original_max_position_embeddings": 32}}}),
+    Row("generate-self-extend-and-dual-chunk", (*GENERATE, "--self-extend", "4:16", "--dual-chunk"), "choose one"),
+    Row("generate-dual-chunk-on-a-model-trained-on-fewer-positions", (*GENERATE, "--dual-chunk"),
+        "trained on 262,144 positions"),
+    Row("chat-dual-chunk-config-with-yarn", ("chat", "-m", "{model}"), "cannot be combined with rope_scaling",
+        model_files={"config.json": {"dual_chunk_attention_config": {"chunk_size": 24, "local_size": 8,
+                                                                     "original_max_position_embeddings": 32},
+                                     "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                                      "original_max_position_embeddings": 1024}}}),
 ]
-
-
-def model_variant(src: Path, dst: Path, changes: dict[str, bytes | dict]) -> Path:
-    """A copy of the model directory src at dst (weights linked, not copied) with some files changed."""
-    dst.mkdir()
-    for path in src.iterdir():
-        if path.suffix == ".safetensors":
-            (dst / path.name).symlink_to(path)
-        else:
-            shutil.copy(path, dst / path.name)
-    for name, change in changes.items():
-        if isinstance(change, dict):
-            change = json.dumps({**json.loads((dst / name).read_text()), **change}).encode()
-        (dst / name).write_bytes(change)
-    return dst
 
 
 def snapshot(*dirs: Path) -> dict[str, tuple[int, int]]:
@@ -225,7 +236,7 @@ def test_a_bad_input_is_one_error_line_with_exit_1_and_nothing_written(row, moe_
     for name, data in row.files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(data)
-    model = model_variant(moe_dir, tmp_path / "model", row.model_files) if row.model_files else moe_dir
+    model = checkpoint_variant(moe_dir, tmp_path / "model", row.model_files) if row.model_files else moe_dir
     argv = [a.format(model=model, tmp=tmp_path) for a in row.argv]
     before = snapshot(tmp_path, moe_dir)
     result = CliRunner().invoke(app, argv, input=row.stdin)

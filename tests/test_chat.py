@@ -233,3 +233,24 @@ def test_a_message_longer_than_the_window_is_refused_and_the_history_kept(model_
         say(session, too_long)
     assert (session.messages, session.context_used) == before
     say(session, "word " * (session.window // 2))  # what fits still goes through
+
+
+@pytest.mark.parametrize("model_card, note", [(None, {True: "thinking on", False: "thinking off"}),
+                                              ("Instruct-2507", "thinking is fixed: it never thinks"),
+                                              ("Thinking-2507", "thinking is fixed: it always thinks")])
+def test_think_and_no_think_say_when_the_models_template_fixes_its_thinking(model_and_tokenizer, moe_dir, tmp_path,
+                                                                             model_card, note):
+    from qwenmlx.tokenizer import Tokenizer
+    from tests.checkpoints import checkpoint_variant
+    from tests.qwen_tokenizer_files import FIXTURES
+
+    model, tokenizer = model_and_tokenizer
+    if model_card is not None:
+        template = (FIXTURES / f"chat_template-Qwen3-30B-A3B-{model_card}.jinja").read_bytes()
+        tokenizer = Tokenizer.from_dir(checkpoint_variant(moe_dir, tmp_path / "model", {"chat_template.jinja": template}))
+    session = ChatSession(model, tokenizer)
+    for on in (True, False):
+        line = session.switch_thinking(on)
+        expected = note[on] if isinstance(note, dict) else note
+        assert expected in line and "\n" not in line
+        assert session.thinking == on

@@ -80,3 +80,34 @@ def test_generate_checks_memory_unless_told_not_to(quantized, monkeypatch):
                         refused.stderr)
     loaded = CliRunner().invoke(app, [*argv, "--no-memory-check"])
     assert loaded.exit_code == 0, loaded.output
+
+
+DUAL_CHUNK = {"chunk_size": 1024, "local_size": 256, "original_max_position_embeddings": 2048}
+
+
+@pytest.fixture(scope="module")
+def config_1m(quantized, tmp_path_factory):
+    """The quantized tiny model with a config_1m.json-like config: dual chunk attention, a 1,010,000 window."""
+    from tests.checkpoints import checkpoint_variant
+
+    return checkpoint_variant(quantized, tmp_path_factory.mktemp("config_1m") / "model", {"config.json": {
+        "dual_chunk_attention_config": DUAL_CHUNK, "max_position_embeddings": 1_010_000}})
+
+
+@pytest.mark.parametrize("attention", [{"self_extend": {"group_size": 4, "window": 64}, "dual_chunk": False},
+                                       {"self_extend": None, "dual_chunk": True}, "config_1m"])
+def test_past_the_window_the_check_suggests_kv_bits_8_never_the_rotating_cache(quantized, config_1m, attention):
+    model_dir, attention = (config_1m, None) if attention == "config_1m" else (quantized, attention)
+    weights = weights_in_memory(model_dir, mx.float32)
+    budget = weights + kv_bytes(model_dir, 4096) * 6 // 10  # an 8-bit cache fits, a float one does not
+    message = one_line_error(lambda: check_memory(model_dir, 4096, kv_bits_option=True, context_option="--max-kv-size",
+                                                  attention=attention, budget=budget))
+    assert "--kv-bits 8" in message and "--max-kv-size" not in message
+
+
+def test_a_config_1m_model_with_no_bound_is_checked_at_its_trained_window(config_1m):
+    trained = DUAL_CHUNK["original_max_position_embeddings"]
+    budget = weights_in_memory(config_1m, mx.float32) + kv_bytes(config_1m, trained)
+    check_memory(config_1m, budget=budget)  # not at 1,010,000 tokens, which would need ~500 times that cache
+    message = one_line_error(lambda: check_memory(config_1m, budget=budget - 1))
+    assert f"for {trained:,} tokens" in message

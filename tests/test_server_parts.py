@@ -391,3 +391,46 @@ def test_a_long_new_prompt_is_prefilled_a_chunk_per_step_while_the_running_strea
     started = names.index("arriving")  # its Started: taken into the batch, its prefill begins
     first_token = next(i for i, (name, e) in enumerate(sent) if name == "arriving" and not isinstance(e, Started))
     assert names[started:first_token].count("running") >= 400 // 16 - 1  # a decode step after every chunk
+
+
+@pytest.mark.parametrize("model_card, requested, thinks", [("Instruct-2507", True, False),
+                                                          ("Thinking-2507", False, True)])
+def test_a_2507_model_is_sampled_per_its_fixed_thinking_mode_whatever_the_request_asks(moe_dir, tmp_path, model_card,
+                                                                                        requested, thinks):
+    from qwenmlx.generate import default_sampling
+    from tests.checkpoints import checkpoint_variant
+    from tests.qwen_tokenizer_files import FIXTURES
+
+    template = (FIXTURES / f"chat_template-Qwen3-30B-A3B-{model_card}.jinja").read_bytes()
+    model_dir = checkpoint_variant(moe_dir, tmp_path / "model", {"chat_template.jinja": template})
+    engine = Engine(lambda: LoadedModel(*load(model_dir), "tiny"), name="tiny")
+    engine.start()
+    try:
+        while engine.state == "loading":
+            time.sleep(0.01)
+        job = engine.prepare(Request(messages=[{"role": "user", "content": "Hi"}], thinking=requested), None)
+        assert job.sampling == default_sampling(thinks, engine.tokenizer.generation_config)
+        assert job.sampling != default_sampling(requested, engine.tokenizer.generation_config)
+    finally:
+        engine.stop()
+
+
+def test_a_self_extend_model_is_served_a_request_at_a_time_and_answers_as_the_clis_generation_does(moe_dir):
+    """Its attention places positions from one sequence's length, which a batch of caches does not carry."""
+    from qwenmlx.generate import GREEDY
+
+    self_extend = {"group_size": 2, "window": 8}
+    engine = Engine(lambda: LoadedModel(*load(moe_dir, self_extend=self_extend), "tiny"), name="tiny", max_batch=4)
+    engine.start()
+    try:
+        while engine.state == "loading":
+            time.sleep(0.01)
+        events, prompt = answer(engine, Request(messages=[{"role": "user", "content": "Count past the window."}],
+                                                thinking=False, max_tokens=12, sampling={"temperature": 0.0}))
+    finally:
+        engine.stop()
+    assert engine.max_batch == 1
+    model, tokenizer = load(moe_dir, self_extend=self_extend)
+    steps = list(stream_generate(model, tokenizer, prompt, max_tokens=12, sampling=GREEDY))
+    assert events[-1].usage.completion_tokens == len(steps)
+    assert text_of(events, "content") == "".join(s.text for s in steps if not s.thinking).strip()

@@ -6,13 +6,16 @@ import pytest
 
 from qwenmlx.config import config_from_dict
 from qwenmlx.strategy import (
+    DUAL_CHUNK,
     MAP_REDUCE,
+    SELF_EXTEND,
     SINGLE_PASS,
     YARN,
     Limits,
     choose_strategy,
     config_limits,
     native_context,
+    self_extend_context,
     yarn_scaling,
 )
 from tests.qwen_tokenizer_files import FIXTURES
@@ -112,3 +115,88 @@ def test_the_plan_says_which_strategy_and_why(roomy, strategy_context, words):
     plan = choose_strategy(strategy_context, ANSWER, roomy)
     assert words in plan.describe()
     assert plan.to_dict()["description"] == plan.describe()
+
+
+@pytest.mark.parametrize("group_size, window", [(4, 2048), (3, 1000), (8, 512), (1, 4096)])
+def test_self_extend_context_is_the_longest_whose_grouped_positions_stay_trained(group_size, window):
+    native = 32768
+    tokens = self_extend_context(native, {"group_size": group_size, "window": window})
+
+    def last_grouped_query_position(n_tokens: int) -> int:
+        return (n_tokens - 1) // group_size + window - window // group_size
+
+    assert last_grouped_query_position(tokens) <= native - 1 < last_grouped_query_position(tokens + 1)
+
+
+@pytest.fixture(scope="module")
+def roomy_self_extend(qwen3_30b_config) -> Limits:
+    """Qwen3-30B-A3B as `roomy`, loaded with SelfExtend group 4, window 2,048 (a 124,928-token window)."""
+    limits = config_limits(qwen3_30b_config, 17 * GB, dtype_bytes=2, memory_budget=1000 * GB)
+    limits.self_extend = {"group_size": 4, "window": 2048}
+    return limits
+
+
+@pytest.mark.parametrize("context, strategy", [
+    (32768, SINGLE_PASS), (32769, SELF_EXTEND), (124928, SELF_EXTEND), (124929, MAP_REDUCE),
+])
+def test_a_model_loaded_with_self_extend_reads_its_window_instead_of_yarn(roomy_self_extend, context, strategy):
+    plan = choose_strategy(context - ANSWER, ANSWER, roomy_self_extend)
+    assert (plan.strategy, plan.yarn_factor) == (strategy, None)
+
+
+@pytest.mark.parametrize("context, words", [
+    (40000, "SelfExtend (group 4, window 2,048, as asked)"), (200000, "exceed 124,928, SelfExtend's window"),
+])
+def test_the_self_extend_plan_says_which_and_why(roomy_self_extend, context, words):
+    assert words in choose_strategy(context, ANSWER, roomy_self_extend).describe()
+
+
+def fixture_config(name: str):
+    return config_from_dict(json.loads((FIXTURES / name).read_text()))
+
+
+@pytest.fixture(scope="module")
+def roomy_2507() -> Limits:
+    """Qwen3-30B-A3B-2507 (262,144 native tokens) at 4 bits, as its config.json loads it."""
+    return config_limits(fixture_config("config-Qwen3-30B-A3B-2507.json"), 17 * GB, dtype_bytes=2,
+                         memory_budget=1000 * GB)
+
+
+@pytest.fixture(scope="module")
+def roomy_2507_1m() -> Limits:
+    """The same with Qwen's config_1m.json: dual chunk attention on, 1,010,000 positions."""
+    return config_limits(fixture_config("config_1m-Qwen3-30B-A3B-2507.json"), 17 * GB, dtype_bytes=2,
+                         memory_budget=1000 * GB)
+
+
+def test_the_2507_models_native_context_is_262144_with_or_without_the_1m_config(roomy_2507, roomy_2507_1m):
+    assert roomy_2507.native_context == roomy_2507_1m.native_context == 262144
+
+
+@pytest.mark.parametrize("context, strategy", [
+    (262144, SINGLE_PASS), (262145, DUAL_CHUNK), (1010000, DUAL_CHUNK), (1010001, MAP_REDUCE),
+])
+def test_a_2507_model_with_dual_chunk_attention_reads_past_262k_without_yarn(roomy_2507_1m, context, strategy):
+    plan = choose_strategy(context - ANSWER, ANSWER, roomy_2507_1m)
+    assert (plan.strategy, plan.yarn_factor) == (strategy, None)
+
+
+def test_a_2507_model_without_dual_chunk_attention_is_never_given_yarn(roomy_2507):
+    assert choose_strategy(262144 - ANSWER, ANSWER, roomy_2507).strategy == SINGLE_PASS
+    plan = choose_strategy(262145 - ANSWER, ANSWER, roomy_2507)
+    assert (plan.strategy, plan.yarn_factor) == (MAP_REDUCE, None)
+    assert "--dual-chunk" in plan.describe()
+
+
+def test_a_million_tokens_on_a_2507_model_need_an_8bit_cache_on_a_96_gb_mac_and_say_what_fits():
+    config = fixture_config("config_1m-Qwen3-30B-A3B-2507.json")
+    plan = choose_strategy(1_000_000 - ANSWER, ANSWER, config_limits(config, 17 * GB, 2, 96 * GiB))
+    assert (plan.strategy, plan.kv_bits) == (DUAL_CHUNK, 8)  # 96 KiB a token in bf16 is ~100 GB, 8-bit about half
+    plan = choose_strategy(1_000_000 - ANSWER, ANSWER, config_limits(config, 17 * GB, 2, 48 * GiB))
+    assert plan.strategy == MAP_REDUCE and 0 < plan.fits_tokens < 1_000_000
+    assert f"{plan.fits_tokens:,} tokens fit in this memory" in plan.describe()
+
+
+def test_the_dual_chunk_plan_says_which_and_why(roomy_2507_1m):
+    assert "dual chunk attention (Qwen's way past the window of the 2507 models)" in \
+        choose_strategy(500_000, ANSWER, roomy_2507_1m).describe()

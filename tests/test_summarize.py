@@ -11,21 +11,25 @@ from typer.testing import CliRunner
 import qwenmlx.summarize as summarize_module
 from qwenmlx.checkpoint import load
 from qwenmlx.cli import app
+from qwenmlx.config import config_from_dict
 from qwenmlx.documents import Document, read_document
 from qwenmlx.errors import QwenMLXError
 from qwenmlx.generate import QWEN_SAMPLING, THINKING_BUDGET_TEXT, Stats, Step
 from qwenmlx.rope import RoPE
-from qwenmlx.strategy import MAP_REDUCE, SINGLE_PASS, YARN, limits_for, yarn_scaling
+from qwenmlx.strategy import DUAL_CHUNK, MAP_REDUCE, SELF_EXTEND, SINGLE_PASS, YARN, limits_for, yarn_scaling
 from qwenmlx.summarize import (
     Summarizer,
     SummaryOptions,
     SummaryProgress,
     answer_text,
     detect_language,
+    needs_dual_chunk,
     summarize,
 )
 from qwenmlx.token_counts import MAX_PIECE_CHARS
+from tests.checkpoints import checkpoint_variant
 from tests.documents import ALL_DOCUMENTS, CHINESE, ENGLISH_LONG_CONTEXT, ENGLISH_MOE
+from tests.qwen_tokenizer_files import FIXTURES
 from tests.spy_tokenizer import EncodeSpy
 
 MAX_TOKENS = 8
@@ -114,6 +118,23 @@ def test_the_yarn_factor_applied_to_the_model_is_the_one_reported(tiny, english,
         assert mx.array_equal(freqs, expected._freqs)
     assert model.config.rope_scaling is None  # for this run only
     assert model.layers[0].self_attn.rope.attention_factor == 1.0
+
+
+def test_a_model_with_dual_chunk_attention_reads_past_the_window_in_one_pass_without_yarn(moe_dir, english, tmp_path):
+    config = {"dual_chunk_attention_config": {"chunk_size": 160, "local_size": 32, "original_max_position_embeddings": 600}}
+    model, tokenizer = load(checkpoint_variant(moe_dir, tmp_path / "model", {"config.json": config}))
+    summary, recorder = run((model, tokenizer), english, native=600)
+    assert (summary.strategy, summary.yarn_factor, summary.parts) == (DUAL_CHUNK, None, [])
+    assert summary.plans[0].context_tokens > 600
+    assert recorder.ropes and {scaling for scaling, _, _ in recorder.ropes} == {None}
+
+
+def test_a_model_loaded_with_self_extend_reads_past_the_window_in_one_pass_without_yarn(moe_dir, english):
+    model, tokenizer = load(moe_dir, self_extend={"group_size": 8, "window": 64})
+    summary, recorder = run((model, tokenizer), english, native=600)
+    assert (summary.strategy, summary.yarn_factor, summary.parts) == (SELF_EXTEND, None, [])
+    assert summary.plans[0].context_tokens > 600
+    assert recorder.ropes and {scaling for scaling, _, _ in recorder.ropes} == {None}
 
 
 def test_past_four_times_the_window_the_parts_cover_the_document_once_in_order(tiny, english, generations):
@@ -354,3 +375,25 @@ def test_cli_ctrl_c_is_one_line_and_exit_130(moe_dir, monkeypatch):
     assert result.exit_code == 130
     assert result.stderr.strip().splitlines()[-1] == "interrupted"
     assert "Traceback" not in result.output
+
+
+@pytest.fixture(scope="module")
+def config_2507():
+    return config_from_dict(json.loads((FIXTURES / "config-Qwen3-30B-A3B-2507.json").read_text()))
+
+
+def test_a_2507_model_needs_dual_chunk_attention_only_for_a_text_past_its_window(tiny, config_2507):
+    options = SummaryOptions(max_tokens=1024)
+    spy = EncodeSpy(tiny[1])
+    assert not needs_dual_chunk(config_2507, spy, "word " * 50_000, options)  # fewer bytes than the window
+    assert spy.encoded_chars == []
+    assert not needs_dual_chunk(config_2507, spy, "word " * 100_000, options)  # more bytes, fewer tokens
+    assert spy.encoded_chars
+    assert needs_dual_chunk(config_2507, spy, "word " * 262_000, options)  # 262,000 tokens + 1,024 to answer
+
+
+def test_a_qwen3_model_or_one_already_with_dual_chunk_attention_is_never_asked(tiny):
+    qwen3 = config_from_dict(json.loads((FIXTURES / "config-Qwen3-30B-A3B.json").read_text()))
+    config_1m = config_from_dict(json.loads((FIXTURES / "config_1m-Qwen3-30B-A3B-2507.json").read_text()))
+    for config in (qwen3, config_1m):
+        assert not needs_dual_chunk(config, tiny[1], "word " * 2_000_000, SummaryOptions())

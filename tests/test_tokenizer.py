@@ -126,6 +126,25 @@ def tokenizers_from_jinja_file(tmp_path_factory):
     return Tokenizer.from_dir(path), AutoTokenizer.from_pretrained(path)
 
 
+def tokenizers_with_template(path, template: str):
+    """Ours and transformers', loaded from a directory whose chat_template.jinja is the fixture `template`."""
+    write_tokenizer_files(path)
+    shutil.copyfile(FIXTURES / template, path / "chat_template.jinja")
+    return Tokenizer.from_dir(path), AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def tokenizers_instruct_2507(tmp_path_factory):
+    return tokenizers_with_template(tmp_path_factory.mktemp("instruct_2507"),
+                                    "chat_template-Qwen3-30B-A3B-Instruct-2507.jinja")
+
+
+@pytest.fixture(scope="module")
+def tokenizers_thinking_2507(tmp_path_factory):
+    return tokenizers_with_template(tmp_path_factory.mktemp("thinking_2507"),
+                                    "chat_template-Qwen3-30B-A3B-Thinking-2507.jinja")
+
+
 @pytest.mark.parametrize("name", SAMPLES)
 def test_encode_matches_tiktoken_with_qwen_ranks(tok, tiktoken_enc, name):
     text = SAMPLES[name]
@@ -178,7 +197,8 @@ def test_stop_tokens_include_tokenizer_eos_without_generation_config(qwen_tokeni
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 @pytest.mark.parametrize("enable_thinking", [True, False])
 @pytest.mark.parametrize("conversation", CONVERSATIONS)
-@pytest.mark.parametrize("tokenizers", ["tokenizers_from_config", "tokenizers_from_jinja_file"])
+@pytest.mark.parametrize("tokenizers", ["tokenizers_from_config", "tokenizers_from_jinja_file",
+                                        "tokenizers_instruct_2507", "tokenizers_thinking_2507"])
 def test_chat_template_matches_transformers(request, tokenizers, conversation, enable_thinking, add_generation_prompt):
     ours, theirs = request.getfixturevalue(tokenizers)
     messages = CONVERSATIONS[conversation]
@@ -187,6 +207,24 @@ def test_chat_template_matches_transformers(request, tokenizers, conversation, e
     expected = theirs.apply_chat_template(messages, tokenize=False, **kwargs)
     assert ours.apply_chat_template(messages, **kwargs) == expected
     assert ours.apply_chat_template(messages, tokenize=True, **kwargs) == theirs.encode(expected, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("tokenizers, requested, thinks", [
+    ("tokenizers_from_config", True, True), ("tokenizers_from_config", False, False),
+    ("tokenizers_instruct_2507", True, False), ("tokenizers_instruct_2507", False, False),
+    ("tokenizers_thinking_2507", True, True), ("tokenizers_thinking_2507", False, True),
+])
+def test_qwen3_thinks_as_asked_instruct_2507_never_and_thinking_2507_always(request, tokenizers, requested, thinks):
+    ours, _ = request.getfixturevalue(tokenizers)
+    assert ours.thinks(requested) is thinks
+
+
+def test_thinking_2507_opens_the_thought_in_the_prompt_and_instruct_2507_never_does(tokenizers_instruct_2507,
+                                                                                   tokenizers_thinking_2507):
+    messages = CONVERSATIONS["single_user"]
+    assert tokenizers_thinking_2507[0].apply_chat_template(messages).endswith("<|im_start|>assistant\n<think>\n")
+    assert tokenizers_instruct_2507[0].apply_chat_template(messages, enable_thinking=True).endswith(
+        "<|im_start|>assistant\n")
 
 
 def test_chat_template_strips_thinking_from_earlier_turns(tok):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from ..batch import decode_step
+from ..batch import decode_step, decodes_in_a_batch
 from ..cache import KVCache, RotatingKVCache, copy_caches, make_cache
 from ..errors import QwenMLXError
 from ..generate import THINKING_BUDGET_TEXT, Thought, default_sampling, make_sampler, prefill_step_for
@@ -174,8 +174,9 @@ class Engine:
             if request.messages is None:
                 return tokenizer.encode(request.prompt), False
             thinking = thinking_switch(request.messages) if request.thinking is None else request.thinking
-            return tokenizer.apply_chat_template(request.messages, enable_thinking=thinking,
-                                                 tools=request.tools or None, tokenize=True), thinking
+            prompt = tokenizer.apply_chat_template(request.messages, enable_thinking=thinking,
+                                                   tools=request.tools or None, tokenize=True)
+            return prompt, tokenizer.thinks(thinking)  # a 2507 model's template decides alone
         except QwenMLXError as e:
             raise RequestError(str(e), param) from None
 
@@ -215,6 +216,9 @@ class Engine:
             self._on_load_error(e)
             return
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        if self.max_batch > 1 and not decodes_in_a_batch(self.model):
+            log.info("SelfExtend and dual chunk attention decode one request at a time (--max-batch 1)")
+            self.max_batch = 1
         self.namespace = f"{loaded.key}|max_kv_size={self.max_kv_size}|kv_bits={self.kv_bits}"
         self.budget_tokens = self.tokenizer.encode(THINKING_BUDGET_TEXT)
         self.state = "ready"
