@@ -17,9 +17,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ModelConfig, read_config
+from .cpu_streams import Cores
 from .errors import QwenMLXError
 from .model import Model
-from .parallel import Cores
 from .tokenizer import Tokenizer
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.tiktoken", "*.txt"]

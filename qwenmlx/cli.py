@@ -107,7 +107,7 @@ def sampling_options(temp, top_p, top_k, min_p, presence_penalty, repetition_pen
 
 def check_threads(threads: int | None) -> None:
     """--threads checked before any model is loaded; more than the cores is capped, with a note."""
-    from .parallel import thread_count
+    from .cpu_streams import thread_count
 
     _, note = thread_count(threads)
     if note:

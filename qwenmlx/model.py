@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelConfig
-from .parallel import NO_CORES, Cores
+from .cpu_streams import NO_CORES, Cores
 from .rope import RoPE
 
 
@@ -58,7 +58,7 @@ def gate_and_up(block: nn.Module, project) -> tuple[mx.array, mx.array]:
 class Attention(nn.Module):
     """Grouped-query attention with per-head RMSNorm on q and k before RoPE."""
 
-    cores = NO_CORES  # where the projections are split (see parallel.py)
+    cores = NO_CORES  # where the projections are split (see cpu_streams.py)
 
     def __init__(self, c: ModelConfig, rope: RoPE):
         super().__init__()
