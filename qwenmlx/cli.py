@@ -90,13 +90,21 @@ def default_model_dir():
     return _pull_with_bars(DEFAULT_REPO, None, None).dst
 
 
-def load_weights(model_dir, threads: int | None, memory_check: bool, context: int | None, **levers):
-    """The model's weights, once the memory check (weights + KV cache at `context`) says they fit."""
+def load_weights(model_dir, threads: int | None, memory_check: bool, context: int | None, ranks=None, **levers):
+    """The model's weights (this rank's share under mlx.launch), once the memory check says they fit.
+
+    The check counts weights + KV cache at `context` against this machine's memory times the ranks.
+    """
     from .checkpoint import load_model
+    from .distributed import load_sharded
+    from .generate import available_memory
     from .memory import check_memory
 
+    size = ranks.size if ranks is not None else 1
     if memory_check:
-        check_memory(model_dir, context, **levers)
+        check_memory(model_dir, context, budget=available_memory() * size, **levers)
+    if size > 1:
+        return load_sharded(model_dir, ranks, threads=threads)
     return load_model(model_dir, threads=threads)[0]
 
 
@@ -129,6 +137,9 @@ BUDGET_OPTION = typer.Option(None, "--thinking-budget", help="Close the thought 
 PREFILL_OPTION = typer.Option(None, "--prefill-step", help="Prompt tokens per prefill chunk (default: from free memory).")
 THREADS_OPTION = typer.Option(None, "--threads",
                               help="CPU cores the large matmuls are split over (default and most: all; a GPU ignores it).")
+PARALLEL_OPTION = typer.Option("pipeline", "--parallel",
+                               help="Under mlx.launch, how the model is split over the ranks: pipeline (layers) or "
+                                    "experts (a share of every expert).")
 
 
 def _prompt_from_stdin() -> str:
@@ -153,32 +164,36 @@ def generate(prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt,
              repetition_penalty: float = REPETITION_OPTION, seed: int = SEED_OPTION,
              thinking_budget: int = BUDGET_OPTION, prefill_step: int = PREFILL_OPTION,
              threads: int = THREADS_OPTION, memory_check: bool = MEMORY_CHECK_OPTION,
+             parallel: str = PARALLEL_OPTION,
              json_output: bool = typer.Option(False, "--json", help="Print JSON with the text, token counts, speeds.")):
     """One answer to one prompt, for scripts: the text on stdout (or JSON)."""
     import json
 
+    from .distributed import join, peers_lost_as_errors
     from .generate import check_generation, default_sampling, prompt_messages, stream_generate
 
     options = sampling_options(temp, top_p, top_k, min_p, presence_penalty, repetition_penalty, seed)
     check_generation(max_tokens, thinking_budget, prefill_step, **options)
     check_threads(threads)
+    ranks = join(parallel)
     text = _prompt_from_stdin() if prompt == "-" else prompt
     messages = prompt_messages(text, system)
     model_dir, tokenizer = open_model(model)
     tokens = tokenizer.apply_chat_template(messages, enable_thinking=think, tokenize=True)
-    llm = load_weights(model_dir, threads, memory_check, len(tokens) + max_tokens, prompt_tokens=len(tokens),
-                       context_option="--max-tokens")
     sampling = default_sampling(think, tokenizer.generation_config, **options)
     pieces, stats = [], None
-    for step in stream_generate(llm, tokenizer, tokens, sampling=sampling, max_tokens=max_tokens,
-                                thinking_budget=thinking_budget, prefill_step=prefill_step):
-        stats = step.stats
-        pieces.append(step.text)
-        if not json_output:
-            sys.stdout.write(step.text)
-            sys.stdout.flush()
+    with peers_lost_as_errors(ranks):
+        llm = load_weights(model_dir, threads, memory_check, len(tokens) + max_tokens, ranks,
+                           prompt_tokens=len(tokens), context_option="--max-tokens")
+        for step in stream_generate(llm, tokenizer, tokens, sampling=sampling, max_tokens=max_tokens,
+                                    thinking_budget=thinking_budget, prefill_step=prefill_step):
+            stats = step.stats
+            pieces.append(step.text)
+            if not json_output:
+                sys.stdout.write(step.text)
+                sys.stdout.flush()
     if json_output:
-        print(json.dumps({"text": "".join(pieces), **stats.to_dict()}, indent=2))
+        print(json.dumps({"text": "".join(pieces), **stats.to_dict(), **ranks.describe()}, indent=2))
     else:
         sys.stdout.write("\n")
 

@@ -185,6 +185,8 @@ ROWS = [
     Row("pull-unknown-dtype", ("pull", "Qwen/Qwen3-30B-A3B", "{tmp}/out", "--dtype", "int8"), "--dtype"),
     Row("rm-a-path-out-of-the-models-dir", ("rm", "../x"), "not a model name"),
     Row("convert-repo-id-with-check", ("convert", "Qwen/Qwen3-30B-A3B", "{tmp}/out", "--check"), "--check"),
+    # --- several machines ---
+    Row("generate-unknown-parallel-mode", (*GENERATE, "--parallel", "tensor"), "--parallel tensor"),
 ]
 
 

@@ -1,0 +1,35 @@
+"""One rank of a test run under mlx.launch (tests/test_distributed.py): it writes what it saw to OUT_DIR/rank<N>.json.
+
+Usage: distributed_rank.py MODEL_DIR MODE OUT_DIR [FAIL_RANK]. FAIL_RANK raises an error there after loading.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from qwenmlx.distributed import join, load_sharded, peers_lost_as_errors
+from qwenmlx.generate import generate_tokens
+
+PROMPT = [9707, 11, 1879, 0, 358, 1079, 264, 1273, 13]
+NEW_TOKENS = 12
+
+
+def main(model_dir: str, mode: str, out_dir: str, fail_rank: str | None = None) -> None:
+    ranks = join(mode)
+    with peers_lost_as_errors(ranks):
+        model = load_sharded(Path(model_dir), ranks)
+        loaded_bytes = mx.get_active_memory()
+        if fail_rank is not None and int(fail_rank) == ranks.rank:
+            raise SystemExit(f"rank {ranks.rank} fails on purpose")
+        tokens = [token for token, _ in generate_tokens(model, PROMPT, max_tokens=NEW_TOKENS)]
+    facts = {"rank": ranks.rank, "size": ranks.size, "tokens": tokens, "loaded_bytes": loaded_bytes,
+             "weight_bytes": sum(v.nbytes for _, v in tree_flatten(model.parameters())),
+             "layer_bytes": sum(v.nbytes for _, v in tree_flatten([layer.parameters() for layer in model.layers]))}
+    (Path(out_dir) / f"rank{ranks.rank}.json").write_text(json.dumps(facts))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,165 @@
+"""Several ranks under mlx.launch (ring backend over loopback, CPU): the same greedy tokens as one process in
+both modes, each rank holding its share of the layers' weights, all ranks ending when one fails, the same
+model on every rank.
+
+Each launch starts Python processes; the module's launches are made once and shared, and carry the
+`distributed` mark (`-m "not distributed"` leaves them out).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlx.utils import tree_flatten
+
+from qwenmlx.checkpoint import load_model
+from qwenmlx.distributed import layer_ranges
+from qwenmlx.generate import generate_tokens
+from tests.distributed_rank import NEW_TOKENS, PROMPT
+
+pytestmark = pytest.mark.distributed
+
+ROOT = Path(__file__).resolve().parent.parent
+LAUNCH = Path(sys.executable).parent / "mlx.launch"
+RANK_SCRIPT = ROOT / "tests" / "distributed_rank.py"
+LAUNCH_TIMEOUT = 300
+
+
+def free_ports(n: int) -> int:
+    """A first port of n consecutive ones that are free now (the ring backend listens on port, port+1, ...)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            first = s.getsockname()[1]
+        if first + n > 65535:
+            continue
+        try:
+            for port in range(first, first + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+
+
+def launch(n: int, *command: str) -> subprocess.CompletedProcess:
+    """`mlx.launch -n N --backend ring -- command` from the worktree's root, so the ranks import its qwenmlx."""
+    argv = [str(LAUNCH), "-n", str(n), "--backend", "ring", "-p", str(free_ports(n)), "--", *command]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT,
+                          stdin=subprocess.DEVNULL)
+
+
+def run_ranks(n: int, model_dir: Path, mode: str, out_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    out_dir.mkdir(exist_ok=True)
+    return launch(n, sys.executable, str(RANK_SCRIPT), str(model_dir), mode, str(out_dir), *extra)
+
+
+def rank_facts(out_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(out_dir.glob("rank*.json"))]
+
+
+def nbytes(tree) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(tree))
+
+
+@pytest.fixture(scope="module")
+def one_process(moe_dir):
+    """Greedy tokens of the whole model in one process; each layer's bytes, and its experts' (the part split)."""
+    model, _ = load_model(moe_dir)
+    tokens = [token for token, _ in generate_tokens(model, PROMPT, max_tokens=NEW_TOKENS)]
+    return {"tokens": tokens, "layer_bytes": [nbytes(layer.parameters()) for layer in model.layers],
+            "expert_bytes": [nbytes(layer.mlp.switch_mlp.parameters()) for layer in model.layers]}
+
+
+@pytest.fixture(scope="module")
+def launched(moe_dir, tmp_path_factory):
+    """{(mode, ranks): (mlx.launch's result, each rank's facts)} for 2 and 3 ranks in both modes."""
+    runs = {}
+    for mode in ("pipeline", "experts"):
+        for n in (2, 3):
+            out_dir = tmp_path_factory.mktemp(f"{mode}-{n}")
+            result = run_ranks(n, moe_dir, mode, out_dir)
+            runs[mode, n] = result, rank_facts(out_dir)
+    return runs
+
+
+RUNS = [("pipeline", 2), ("pipeline", 3), ("experts", 2), ("experts", 3)]
+
+
+@pytest.mark.parametrize("mode, n", RUNS)
+def test_every_rank_generates_the_greedy_tokens_of_one_process(launched, one_process, mode, n):
+    result, facts = launched[mode, n]
+    assert result.returncode == 0, result.stderr
+    assert [f["rank"] for f in facts] == list(range(n))
+    for f in facts:
+        assert f["tokens"] == one_process["tokens"]
+
+
+@pytest.mark.parametrize("mode, n", RUNS)
+def test_each_rank_holds_its_share_of_the_layers_weights_and_nothing_more(launched, one_process, mode, n):
+    _, facts = launched[mode, n]
+    layers, experts = one_process["layer_bytes"], one_process["expert_bytes"]
+    assert len(facts) == n
+    for f in facts:
+        if mode == "pipeline":
+            assert f["layer_bytes"] == sum(layers[i] for i in layer_ranges(len(layers), n)[f["rank"]])
+        else:  # 1/n of every expert (to within one row of the intermediate size); attention and router replicated
+            assert f["layer_bytes"] == pytest.approx(sum(layers) - sum(experts) + sum(experts) / n, rel=0.05)
+        assert f["loaded_bytes"] <= f["weight_bytes"] + 2**20  # no dropped weight kept alive behind a slice
+
+
+@pytest.mark.parametrize("failing_rank", [0, 1])
+def test_a_failing_rank_ends_every_rank(moe_dir, tmp_path, failing_rank):
+    out_dir = tmp_path / "out"
+    result = run_ranks(2, moe_dir, "pipeline", out_dir, str(failing_rank))  # ends, or times out and fails
+    # mlx.launch exits 0 whatever its ranks did, and names each rank that failed or that it stopped.
+    assert f"Node with rank {failing_rank} exited with code 1" in result.stderr
+    assert f"rank {failing_rank} fails on purpose" in result.stderr
+    assert rank_facts(out_dir) == []  # the other rank did not go on to finish alone
+
+
+def test_ranks_with_different_models_are_refused_naming_the_rank(moe_dir, moe_dir_other_weights, tmp_path):
+    """Rank 1 is given another checkpoint of the same shapes: every rank stops before generating, rank named."""
+    first = free_ports(2)
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{first}"], [f"127.0.0.1:{first + 1}"]]))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    ranks = []
+    for rank, model_dir in enumerate([moe_dir, moe_dir_other_weights]):
+        # What mlx.launch sets for each rank, done by hand so the ranks can differ in their arguments.
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(rank)}
+        ranks.append(subprocess.Popen([sys.executable, str(RANK_SCRIPT), str(model_dir), "pipeline", str(out_dir)],
+                                      cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True))
+    errors = [p.communicate(timeout=LAUNCH_TIMEOUT)[1] for p in ranks]
+    assert [p.returncode for p in ranks] == [1, 1]
+    for stderr in errors:
+        assert "rank 1 has a different model from rank 0's" in stderr
+    assert rank_facts(out_dir) == []
+
+
+def test_generate_under_mlx_launch_prints_once_with_world_size_and_mode(moe_dir):
+    argv = ["-m", "qwenmlx", "generate", "-m", str(moe_dir), "-p", "Hello", "--max-tokens", "6", "--temp", "0",
+            "--json", "--no-memory-check"]
+    alone = json.loads(subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True,
+                                      check=True).stdout)
+    result = launch(2, sys.executable, *argv, "--parallel", "experts")
+    assert result.returncode == 0, result.stderr
+    together = json.loads(result.stdout)  # one JSON document: only rank 0 writes to stdout
+    assert (alone["world_size"], alone["parallel"]) == (1, None)
+    assert (together["world_size"], together["parallel"]) == (2, "experts")
+    assert together["text"] == alone["text"]
+
+
+def test_layers_split_into_consecutive_runs_covering_each_once():
+    for n_layers in (3, 4, 48, 94):
+        for size in (1, 2, 3):
+            ranges = layer_ranges(n_layers, size)
+            assert [i for r in ranges for i in r] == list(range(n_layers))
+            assert max(map(len, ranges)) - min(map(len, ranges)) <= 1
+
