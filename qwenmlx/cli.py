@@ -213,22 +213,29 @@ def chat(model: str = MODEL_OPTION,
          min_p: float = MIN_P_OPTION, presence_penalty: float = PRESENCE_OPTION,
          repetition_penalty: float = REPETITION_OPTION, seed: int = SEED_OPTION,
          thinking_budget: int = BUDGET_OPTION, prefill_step: int = PREFILL_OPTION, threads: int = THREADS_OPTION,
-         memory_check: bool = MEMORY_CHECK_OPTION):
+         memory_check: bool = MEMORY_CHECK_OPTION, parallel: str = PARALLEL_OPTION):
     """Chat in the terminal, with thinking, prompt reuse across turns and /commands (/help)."""
     from .chat import ChatSession
     from .chat_terminal import ChatTerminal
+    from .distributed import SharedInput, join, peers_lost_as_errors
     from .generate import check_generation
 
     options = sampling_options(temp, top_p, top_k, min_p, presence_penalty, repetition_penalty, seed)
     check_generation(max_tokens, thinking_budget, prefill_step, **options)
     check_threads(threads)
+    ranks = join(parallel)
     model_dir, tokenizer = open_model(model)
-    with console.status(f"loading {model_dir}"):
-        llm = load_weights(model_dir, threads, memory_check, max_kv_size, kv_bits=kv_bits,
-                           context_option="--max-kv-size", kv_bits_option=True)
-    session = ChatSession(llm, tokenizer, system=system, thinking=think, max_kv_size=max_kv_size, kv_bits=kv_bits,
-                          max_tokens=max_tokens, thinking_budget=thinking_budget, prefill_step=prefill_step, **options)
-    ChatTerminal(session, console, plain=plain, hide_thinking=hide_thinking).run()
+    with peers_lost_as_errors(ranks):
+        with console.status(f"loading {model_dir}"):
+            llm = load_weights(model_dir, threads, memory_check, max_kv_size, ranks, kv_bits=kv_bits,
+                               context_option="--max-kv-size", kv_bits_option=True)
+        session = ChatSession(llm, tokenizer, system=system, thinking=think, max_kv_size=max_kv_size,
+                              kv_bits=kv_bits, max_tokens=max_tokens, thinking_budget=thinking_budget,
+                              prefill_step=prefill_step, **options)
+        terminal = ChatTerminal(session, console, plain=plain, hide_thinking=hide_thinking)
+        if ranks.size > 1:  # rank 0 reads the terminal; every rank gets what it read
+            terminal.reader = SharedInput(terminal.reader, ranks)
+        terminal.run()
 
 
 # --- serve ---
@@ -256,10 +263,12 @@ def serve(model: str = MODEL_OPTION,
 
     import uvicorn
 
+    from .distributed import check_one_rank
     from .server import Engine, LoadedModel, create_app
 
     if not 0 < port < 65536:
         raise QwenMLXError(f"--port {port}: must be between 1 and 65535")
+    check_one_rank("serve")
     check_threads(threads)
     model_dir, tokenizer = open_model(model)
 
@@ -677,6 +686,7 @@ def summarize(
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead; no progress bars."),
     threads: int = THREADS_OPTION,
     memory_check: bool = MEMORY_CHECK_OPTION,
+    parallel: str = PARALLEL_OPTION,
 ):
     """Summarise a file of any length: in one pass, with YaRN when needed, or in parts (map-reduce)."""
     import json
@@ -684,6 +694,7 @@ def summarize(
     from pathlib import Path
 
     from .destinations import check_output_file, write_text_atomically
+    from .distributed import join, peers_lost_as_errors
     from .documents import read_document
     from .summarize import SummaryOptions
     from .summarize import summarize as summarize_document
@@ -691,31 +702,36 @@ def summarize(
     options = SummaryOptions(style=style, lang=lang, max_tokens=max_tokens, think=think)
     options.check()
     check_threads(threads)
+    ranks = join(parallel)
+    quiet = json_output or ranks.rank != 0  # under mlx.launch, rank 0 alone shows progress and writes --out
     if out is not None:
         inputs = {"document": Path(file)} if file != "-" else {}
         if Path(model).expanduser().exists():
             inputs["model directory"] = Path(model)
         out = check_output_file(out, inputs=inputs, force=force)
     document = read_document(file)
-    if document.note and not json_output:
+    if document.note and not quiet:
         stderr.print(f"[yellow]note:[/yellow] {document.note}", highlight=False, soft_wrap=True)
     model_dir, tokenizer = open_model(model)
-    with stderr.status(f"loading {model_dir}", spinner="dots") if not json_output else nullcontext():
-        # At least the answer must fit; the strategy then fits the document into what is left, in parts if need be.
-        llm = load_weights(model_dir, threads, memory_check, max_tokens * (2 if think else 1),
-                           context_option="--max-tokens")
-    progress = None if json_output else SummaryBars()
-    try:
-        summary = summarize_document(llm, tokenizer, document, options, progress=progress)
-    finally:
-        if progress is not None and not progress.streaming:
-            progress.close()
+    with peers_lost_as_errors(ranks):
+        with stderr.status(f"loading {model_dir}", spinner="dots") if not quiet else nullcontext():
+            # At least the answer must fit; the strategy then fits the document into what is left, in parts if need be.
+            llm = load_weights(model_dir, threads, memory_check, max_tokens * (2 if think else 1), ranks,
+                               context_option="--max-tokens")
+        progress = None if quiet else SummaryBars()
+        try:
+            summary = summarize_document(llm, tokenizer, document, options, progress=progress)
+        finally:
+            if progress is not None and not progress.streaming:
+                progress.close()
+    if ranks.rank != 0:
+        return
     if out is not None:
         write_text_atomically(out, summary.text + "\n")
     if json_output:
         facts = {"file": document.name, "kind": document.kind, "encoding": document.encoding,
                  "decoded_with_fallback": document.decoded_with_fallback, "model": str(model_dir),
-                 **summary.to_dict()}
+                 **summary.to_dict(), **ranks.describe()}
         print(json.dumps(facts, indent=2, ensure_ascii=False))
         return
     print()

@@ -14,7 +14,9 @@ terminal. `shard(model, group, mode)` splits the built model before its weights 
 """
 
 import os
+import statistics
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,9 +25,10 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from .checkpoint import load_model
+from .checkpoint import compute_dtype, load_model
+from .config import ModelConfig
 from .errors import QwenMLXError
-from .model import MLP, ExpertsSwiGLU, Model, SparseMoeBlock
+from .model import MLP, DecoderLayer, ExpertsSwiGLU, Model, SparseMoeBlock
 
 MODES = ("pipeline", "experts")
 
@@ -71,6 +74,60 @@ def join(mode: str = "pipeline") -> Ranks:
     return ranks
 
 
+class SharedInput:
+    """What rank 0 reads from its terminal (a line, the end of input, a Ctrl-C), handed to every rank.
+
+    Rank 0 reads through `reader` (anything with line() and block()); the other ranks receive the same.
+    """
+
+    LINE, END, INTERRUPT = 0, 1, 2
+
+    def __init__(self, reader, ranks: Ranks):
+        self.reader, self.ranks = reader, ranks
+
+    def line(self, continued: bool = False) -> str:
+        return self._shared(lambda: self.reader.line(continued))
+
+    def block(self) -> str:
+        return self._shared(self.reader.block)
+
+    def _shared(self, read) -> str:
+        event, text, raised = self.LINE, "", None
+        if self.ranks.rank == 0:
+            try:
+                text = read()
+            except EOFError as e:
+                event, raised = self.END, e
+            except KeyboardInterrupt as e:
+                event, raised = self.INTERRUPT, e
+        event, text = broadcast_text(event, text, self.ranks.group)
+        if raised is not None:
+            raise raised
+        if event == self.END:
+            raise EOFError
+        if event == self.INTERRUPT:
+            raise KeyboardInterrupt
+        return text
+
+
+def broadcast_text(event: int, text: str, group: mx.distributed.Group) -> tuple[int, str]:
+    """Rank 0's (event, text) on every rank (the others' arguments are ignored): two all_sums, the others adding 0."""
+    data = text.encode() if group.rank() == 0 else b""
+    header = mx.array([event, len(data)] if group.rank() == 0 else [0, 0], dtype=mx.int32)
+    event, length = all_sum(header, group).tolist()
+    if length == 0:
+        return event, ""
+    body = mx.array(list(data) if group.rank() == 0 else [0] * length, dtype=mx.int32)
+    return event, bytes(all_sum(body, group).tolist()).decode()
+
+
+def check_one_rank(command: str) -> None:
+    """Refuse a command that cannot yet run split over several ranks, before it loads anything."""
+    if mx.distributed.init().size() > 1:
+        raise QwenMLXError(f"{command} does not run under mlx.launch yet: start it on one machine "
+                           "(generate, chat and summarize can be split over several)")
+
+
 def all_sum(x: mx.array, group: mx.distributed.Group) -> mx.array:
     """mx.distributed.all_sum on the CPU stream (the only one the ring backend runs on)."""
     return mx.distributed.all_sum(x, group=group, stream=mx.cpu)
@@ -108,6 +165,32 @@ def layer_ranges(n_layers: int, size: int) -> list[range]:
     return [range(s, s + n) for s, n in zip(starts, counts)]
 
 
+def bytes_sent_per_token(config: ModelConfig, mode: str, size: int, dtype_bytes: int) -> int:
+    """Bytes all ranks together send per decoded token, from the plan (a ring all_sum of an array of B bytes
+    sends 2(size-1)/size * B from each rank; loopback measurements in scripts/bench_distributed.py agree).
+
+    pipeline: the hidden state over each of the size-1 links, then the all_sum handing the last rank's output
+    to all; experts: one all_sum of the hidden state per layer.
+    """
+    if size == 1:
+        return 0
+    hidden = config.hidden_size * dtype_bytes
+    all_sum_bytes = 2 * (size - 1) * hidden
+    if check_mode(mode) == "pipeline":
+        return (size - 1) * hidden + all_sum_bytes
+    return config.num_hidden_layers * all_sum_bytes
+
+
+def messages_per_token(config: ModelConfig, mode: str, size: int) -> int:
+    """Network hops one decoded token waits for one after another (each costs the link's latency once)."""
+    if size == 1:
+        return 0
+    all_sum_steps = 2 * (size - 1)  # a ring all_sum: size-1 steps to reduce, size-1 to share
+    if check_mode(mode) == "pipeline":
+        return (size - 1) + all_sum_steps
+    return config.num_hidden_layers * all_sum_steps
+
+
 def shard(model: Model, group: mx.distributed.Group, mode: str) -> Model:
     """Split a model built lazily (load_model(lazy=True)) over the group, before any weight is read."""
     if group.size() == 1:
@@ -117,6 +200,21 @@ def shard(model: Model, group: mx.distributed.Group, mode: str) -> Model:
     else:
         _shard_experts(model, group)
     return model
+
+
+@dataclass(frozen=True)
+class Split:
+    """How a model is split over the ranks, and what that costs per token (chat's /stats shows it)."""
+
+    mode: str
+    size: int
+    collectives_per_token: int  # sends and all_sums one token waits for, one after another
+    bytes_per_token: int  # sent by all ranks together
+    seconds_per_collective: float  # one all_sum of one token's hidden state, timed after loading
+
+    def communication_seconds(self, tokens: int) -> float:
+        """Time `tokens` forwarded tokens spent communicating, estimated (MLX does not time its collectives)."""
+        return tokens * self.collectives_per_token * self.seconds_per_collective
 
 
 def load_sharded(model_dir: Path, ranks: Ranks, *, threads: int | None = None,
@@ -129,25 +227,50 @@ def load_sharded(model_dir: Path, ranks: Ranks, *, threads: int | None = None,
         mx.eval(layer.parameters())
     mx.eval(model.parameters())
     all_sum(mx.array(1.0), ranks.group).item()  # every rank loaded before any starts work
+    config, dtype = model.config, compute_dtype()
+    collectives = ranks.size if ranks.mode == "pipeline" else config.num_hidden_layers
+    model.split = Split(ranks.mode, ranks.size, collectives,
+                        bytes_sent_per_token(config, ranks.mode, ranks.size, dtype.size),
+                        time_all_sum(mx.zeros((1, 1, config.hidden_size), dtype), ranks.group))
     return model
+
+
+def time_all_sum(x: mx.array, group: mx.distributed.Group, repeats: int = 21) -> float:
+    """Seconds one all_sum of x takes over the group: the median of `repeats`, after one to warm up."""
+    mx.eval(all_sum(x, group))
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(all_sum(x, group))
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
 
 
 # --- pipeline: consecutive layers per rank ---
 
 
-class PipelineStage(nn.Module):
-    """One of this rank's layers; the first receives its input from the previous rank, the last sends on."""
+class PipelineStage(DecoderLayer):
+    """A decoder layer of this rank's; the first receives its input from the previous rank, the last sends on.
 
-    def __init__(self, layer: nn.Module, group: mx.distributed.Group, receive_from: int | None,
-                 send_to: int | None):
-        super().__init__()
-        self.layer = layer
-        self.group, self.receive_from, self.send_to = group, receive_from, send_to
+    Still a DecoderLayer (its attention and MLP where they were), so what reaches into the layers
+    (YaRN switched on or off, make_cache) works on a pipeline stage unchanged.
+    """
+
+    group: mx.distributed.Group
+    receive_from: int | None
+    send_to: int | None
+
+    @classmethod
+    def of(cls, layer: DecoderLayer, group: mx.distributed.Group, receive_from: int | None,
+           send_to: int | None) -> "PipelineStage":
+        layer.__class__ = cls
+        layer.group, layer.receive_from, layer.send_to = group, receive_from, send_to
+        return layer
 
     def __call__(self, x: mx.array, cache=None) -> mx.array:
         if self.receive_from is not None:
             x = mx.distributed.recv_like(x, self.receive_from, group=self.group, stream=mx.cpu)
-        h = self.layer(x, cache)
+        h = super().__call__(x, cache)
         if self.send_to is not None:
             h = mx.distributed.send(h, self.send_to, group=self.group, stream=mx.cpu)
             if cache is not None and cache.buffers is not None:
@@ -156,17 +279,24 @@ class PipelineStage(nn.Module):
         return h
 
 
-class FromLastRank(nn.Module):
-    """The final norm, applied to the last rank's hidden state, which an all_sum hands to every rank."""
+class FromLastRank(nn.RMSNorm):
+    """The final norm, applied to the last rank's hidden state, which an all_sum hands to every rank.
 
-    def __init__(self, norm: nn.Module, group: mx.distributed.Group):
-        super().__init__()
-        self.norm, self.group = norm, group
+    Still an RMSNorm with its weight where it was (the summariser reads its dtype).
+    """
+
+    group: mx.distributed.Group
+
+    @classmethod
+    def of(cls, norm: nn.RMSNorm, group: mx.distributed.Group) -> "FromLastRank":
+        norm.__class__ = cls
+        norm.group = group
+        return norm
 
     def __call__(self, h: mx.array) -> mx.array:
         if self.group.rank() != self.group.size() - 1:
             h = mx.depends(mx.zeros_like(h), h)  # zeros to add, once this rank's part (its send) is done
-        return self.norm(all_sum(h, self.group))
+        return super().__call__(all_sum(h, self.group))
 
 
 def _shard_layers(model: Model, group: mx.distributed.Group) -> None:
@@ -176,9 +306,9 @@ def _shard_layers(model: Model, group: mx.distributed.Group) -> None:
     for i in mine:
         receive_from = rank - 1 if i == mine.start and rank > 0 else None
         send_to = rank + 1 if i == mine.stop - 1 and rank < size - 1 else None
-        stages.append(PipelineStage(model.layers[i], group, receive_from, send_to))
+        stages.append(PipelineStage.of(model.layers[i], group, receive_from, send_to))
     model.model.layers = stages  # the other ranks' layers are dropped unread
-    model.model.norm = FromLastRank(model.model.norm, group)
+    model.model.norm = FromLastRank.of(model.model.norm, group)
 
 
 # --- experts: 1/N of every expert's intermediate rows per rank ---

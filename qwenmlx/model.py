@@ -244,6 +244,7 @@ class Model(nn.Module):
 
     cores = NO_CORES
     fingerprint: str | None = None  # which checkpoint filled the weights (checkpoint.model_fingerprint); None: unknown
+    split: Any = None  # how distributed.shard split it over several ranks (distributed.Split); None: whole here
 
     def __init__(self, config: ModelConfig):
         super().__init__()

@@ -1,6 +1,7 @@
 """One rank of a test run under mlx.launch (tests/test_distributed.py): it writes what it saw to OUT_DIR/rank<N>.json.
 
-Usage: distributed_rank.py MODEL_DIR MODE OUT_DIR [FAIL_RANK]. FAIL_RANK raises an error there after loading.
+Usage: distributed_rank.py MODEL_DIR MODE OUT_DIR [OPTIONS_JSON]. OPTIONS_JSON may hold kv_bits, max_kv_size
+and rope_scaling (as in one process: see greedy_tokens), and fail_rank: the rank that raises after loading.
 """
 
 import json
@@ -10,6 +11,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from qwenmlx.cache import make_cache
 from qwenmlx.distributed import join, load_sharded, peers_lost_as_errors
 from qwenmlx.generate import generate_tokens
 
@@ -17,14 +19,20 @@ PROMPT = [9707, 11, 1879, 0, 358, 1079, 264, 1273, 13]
 NEW_TOKENS = 12
 
 
-def main(model_dir: str, mode: str, out_dir: str, fail_rank: str | None = None) -> None:
+def greedy_tokens(model, kv_bits: int | None = None, max_kv_size: int | None = None) -> list[int]:
+    cache = make_cache(model, max_kv_size, kv_bits)
+    return [token for token, _ in generate_tokens(model, PROMPT, cache=cache, max_tokens=NEW_TOKENS)]
+
+
+def main(model_dir: str, mode: str, out_dir: str, options: str = "{}") -> None:
+    options = json.loads(options)
     ranks = join(mode)
     with peers_lost_as_errors(ranks):
-        model = load_sharded(Path(model_dir), ranks)
+        model = load_sharded(Path(model_dir), ranks, rope_scaling=options.get("rope_scaling"))
         loaded_bytes = mx.get_active_memory()
-        if fail_rank is not None and int(fail_rank) == ranks.rank:
+        if options.get("fail_rank") == ranks.rank:
             raise SystemExit(f"rank {ranks.rank} fails on purpose")
-        tokens = [token for token, _ in generate_tokens(model, PROMPT, max_tokens=NEW_TOKENS)]
+        tokens = greedy_tokens(model, options.get("kv_bits"), options.get("max_kv_size"))
     facts = {"rank": ranks.rank, "size": ranks.size, "tokens": tokens, "loaded_bytes": loaded_bytes,
              "weight_bytes": sum(v.nbytes for _, v in tree_flatten(model.parameters())),
              "layer_bytes": sum(v.nbytes for _, v in tree_flatten([layer.parameters() for layer in model.layers]))}

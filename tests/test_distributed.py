@@ -18,8 +18,8 @@ from mlx.utils import tree_flatten
 
 from qwenmlx.checkpoint import load_model
 from qwenmlx.distributed import layer_ranges
-from qwenmlx.generate import generate_tokens
-from tests.distributed_rank import NEW_TOKENS, PROMPT
+from tests.checkpoints import TINY_MOE, write_hf_checkpoint
+from tests.distributed_rank import greedy_tokens
 
 pytestmark = pytest.mark.distributed
 
@@ -46,12 +46,16 @@ def free_ports(n: int) -> int:
             continue
 
 
-def launch(n: int, *command: str) -> subprocess.CompletedProcess:
-    """`mlx.launch -n N --backend ring -- command` from the worktree's root, so the ranks import its qwenmlx."""
+def launch(n: int, *command: str, stdin: str = "") -> subprocess.CompletedProcess:
+    """`mlx.launch -n N --backend ring -- command` from the worktree's root, so the ranks import its qwenmlx.
+
+    mlx.launch hands its stdin to every rank but never closes theirs, so input that a command reads to its
+    end must end in a command that ends it (chat's /exit).
+    """
     argv = [str(LAUNCH), "-n", str(n), "--backend", "ring", "-p", str(free_ports(n)), "--", *command]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT,
-                          stdin=subprocess.DEVNULL)
+                          input=stdin)
 
 
 def run_ranks(n: int, model_dir: Path, mode: str, out_dir: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -71,8 +75,7 @@ def nbytes(tree) -> int:
 def one_process(moe_dir):
     """Greedy tokens of the whole model in one process; each layer's bytes, and its experts' (the part split)."""
     model, _ = load_model(moe_dir)
-    tokens = [token for token, _ in generate_tokens(model, PROMPT, max_tokens=NEW_TOKENS)]
-    return {"tokens": tokens, "layer_bytes": [nbytes(layer.parameters()) for layer in model.layers],
+    return {"tokens": greedy_tokens(model), "layer_bytes": [nbytes(layer.parameters()) for layer in model.layers],
             "expert_bytes": [nbytes(layer.mlp.switch_mlp.parameters()) for layer in model.layers]}
 
 
@@ -113,10 +116,42 @@ def test_each_rank_holds_its_share_of_the_layers_weights_and_nothing_more(launch
         assert f["loaded_bytes"] <= f["weight_bytes"] + 2**20  # no dropped weight kept alive behind a slice
 
 
+@pytest.fixture(scope="module")
+def quantized_moe_dir(tmp_path_factory):
+    """A 4-bit checkpoint (groups of 32) whose experts' 96 intermediate rows split into 2 or 3 whole groups."""
+    from quantize import get_recipe
+    from qwenmlx.convert import convert
+
+    source = write_hf_checkpoint(tmp_path_factory.mktemp("moe-96"), dict(TINY_MOE, moe_intermediate_size=96))
+    dst = tmp_path_factory.mktemp("moe-96-q4") / "q4"
+    convert(source, dst, get_recipe("q4", 32))
+    return dst
+
+
+LEVERS = [  # (checkpoint, mode, ranks, options): the cache kinds, YaRN, quantized weights
+    ("quantized", "experts", 3, {"kv_bits": 8}),
+    ("quantized", "pipeline", 2, {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                                   "original_max_position_embeddings": 8}}),
+    ("float", "experts", 2, {"max_kv_size": 12}),
+]
+
+
+@pytest.mark.parametrize("checkpoint, mode, n, options", LEVERS, ids=lambda v: json.dumps(v) if isinstance(v, dict) else str(v))
+def test_split_models_keep_every_lever_of_one_process(moe_dir, quantized_moe_dir, tmp_path, checkpoint, mode, n,
+                                                      options):
+    model_dir = quantized_moe_dir if checkpoint == "quantized" else moe_dir
+    model, _ = load_model(model_dir, rope_scaling=options.get("rope_scaling"))
+    alone = greedy_tokens(model, options.get("kv_bits"), options.get("max_kv_size"))
+    result = run_ranks(n, model_dir, mode, tmp_path / "out", json.dumps(options))
+    assert result.returncode == 0, result.stderr
+    facts = rank_facts(tmp_path / "out")
+    assert [f["tokens"] for f in facts] == [alone] * n
+
+
 @pytest.mark.parametrize("failing_rank", [0, 1])
 def test_a_failing_rank_ends_every_rank(moe_dir, tmp_path, failing_rank):
     out_dir = tmp_path / "out"
-    result = run_ranks(2, moe_dir, "pipeline", out_dir, str(failing_rank))  # ends, or times out and fails
+    result = run_ranks(2, moe_dir, "pipeline", out_dir, json.dumps({"fail_rank": failing_rank}))  # or times out
     # mlx.launch exits 0 whatever its ranks did, and names each rank that failed or that it stopped.
     assert f"Node with rank {failing_rank} exited with code 1" in result.stderr
     assert f"rank {failing_rank} fails on purpose" in result.stderr
@@ -163,3 +198,40 @@ def test_layers_split_into_consecutive_runs_covering_each_once():
             assert [i for r in ranges for i in r] == list(range(n_layers))
             assert max(map(len, ranges)) - min(map(len, ranges)) <= 1
 
+
+
+def test_chat_under_mlx_launch_answers_as_one_process_from_rank_0s_input(moe_dir, tmp_path):
+    """Rank 0 reads the lines and hands them to rank 1; the answer is one process's; /save is refused."""
+    argv = ["-m", "qwenmlx", "chat", "-m", str(moe_dir), "--plain", "--no-think", "--max-tokens", "6",
+            "--temp", "0", "--no-memory-check"]
+    saved = tmp_path / "chat.json"
+    alone = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True,
+                           input="Hello there\n/exit\n", timeout=LAUNCH_TIMEOUT)
+    together = launch(2, sys.executable, *argv, "--parallel", "pipeline",
+                      stdin=f"Hello there\n/stats\n/save {saved}\n/exit\n")
+    assert together.returncode == 0, together.stderr
+    assert "Node with rank" not in together.stderr  # every rank exited 0
+    answer = alone.stdout.split(">>> ")[1].split("\n")[0]
+    assert answer.strip() and together.stdout.split(">>> ")[1].split("\n")[0] == answer
+    assert together.stdout.count("qwenmlx chat") == 1  # only rank 0 writes to the terminal
+    assert "split by pipeline" in together.stdout and "communication" in together.stdout
+    assert "/save is not available while the model is split over ranks" in together.stdout
+    assert not saved.exists()
+
+
+def test_summarize_under_mlx_launch_writes_its_summary_once_from_rank_0(moe_dir, tmp_path):
+    document, out = tmp_path / "notes.txt", tmp_path / "summary.txt"
+    document.write_text("A mixture-of-experts layer routes each token to a few of its experts.\n")
+    result = launch(2, sys.executable, "-m", "qwenmlx", "summarize", str(document), "-m", str(moe_dir),
+                    "--max-tokens", "6", "--json", "--no-memory-check", "--parallel", "experts", "--out", str(out))
+    assert result.returncode == 0 and "Node with rank" not in result.stderr, result.stderr
+    facts = json.loads(result.stdout)  # one JSON document: only rank 0 writes to stdout
+    assert (facts["world_size"], facts["parallel"]) == (2, "experts")
+    assert out.read_text() == facts["summary"] + "\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "summary.txt"]  # no rank's leftovers
+
+
+def test_serve_under_mlx_launch_is_refused_in_one_line_before_loading(moe_dir):
+    result = launch(2, sys.executable, "-m", "qwenmlx", "serve", "-m", str(moe_dir), "--port", "1")
+    assert "error: serve does not run under mlx.launch yet" in result.stderr
+    assert "Traceback" not in result.stderr
