@@ -176,6 +176,8 @@ def generate(prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt,
     check_generation(max_tokens, thinking_budget, prefill_step, **options)
     check_threads(threads)
     ranks = join(parallel)
+    if prompt == "-":
+        ranks.check_can_read_stdin("-p -")
     text = _prompt_from_stdin() if prompt == "-" else prompt
     messages = prompt_messages(text, system)
     model_dir, tokenizer = open_model(model)
@@ -709,6 +711,8 @@ def summarize(
         if Path(model).expanduser().exists():
             inputs["model directory"] = Path(model)
         out = check_output_file(out, inputs=inputs, force=force)
+    if file == "-":
+        ranks.check_can_read_stdin("summarize -")
     document = read_document(file)
     if document.note and not quiet:
         stderr.print(f"[yellow]note:[/yellow] {document.note}", highlight=False, soft_wrap=True)

@@ -57,6 +57,12 @@ class Ranks:
     def describe(self) -> dict:
         return {"world_size": self.size, "parallel": self.mode if self.size > 1 else None}
 
+    def check_can_read_stdin(self, option: str) -> None:
+        """mlx.launch hands its input to the ranks but never closes theirs: reading stdin to its end would hang."""
+        if self.size > 1:
+            raise QwenMLXError(f"{option}: under mlx.launch stdin never ends (mlx.launch keeps the ranks' input "
+                               "open), so it cannot be read whole; pass the text or a file instead")
+
 
 def join(mode: str = "pipeline") -> Ranks:
     """The ranks this process runs among (one when not started by mlx.launch).

@@ -8,6 +8,8 @@ Each launch starts Python processes; the module's launches are made once and sha
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -201,18 +203,24 @@ def test_layers_split_into_consecutive_runs_covering_each_once():
 
 
 def test_chat_under_mlx_launch_answers_as_one_process_from_rank_0s_input(moe_dir, tmp_path):
-    """Rank 0 reads the lines and hands them to rank 1; the answer is one process's; /save is refused."""
+    """Rank 0 reads the lines and hands them to rank 1; two answers (the second reusing the first's cache) are
+    one process's; /stats shows the split; /save is refused."""
     argv = ["-m", "qwenmlx", "chat", "-m", str(moe_dir), "--plain", "--no-think", "--max-tokens", "6",
             "--temp", "0", "--no-memory-check"]
     saved = tmp_path / "chat.json"
     alone = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True,
-                           input="Hello there\n/exit\n", timeout=LAUNCH_TIMEOUT)
+                           input="Hello there\nAnd again\n/exit\n", timeout=LAUNCH_TIMEOUT)
     together = launch(2, sys.executable, *argv, "--parallel", "pipeline",
-                      stdin=f"Hello there\n/stats\n/save {saved}\n/exit\n")
+                      stdin=f"Hello there\nAnd again\n/stats\n/save {saved}\n/exit\n")
     assert together.returncode == 0, together.stderr
     assert "Node with rank" not in together.stderr  # every rank exited 0
-    answer = alone.stdout.split(">>> ")[1].split("\n")[0]
-    assert answer.strip() and together.stdout.split(">>> ")[1].split("\n")[0] == answer
+
+    def answers(stdout: str) -> list[str]:
+        return [turn.split("\n")[0] for turn in stdout.split(">>> ")[1:3]]
+
+    assert all(answer.strip() for answer in answers(alone.stdout))
+    assert answers(together.stdout) == answers(alone.stdout)
+    assert int(re.search(r"(\d+) reused", together.stdout).group(1)) > 0  # the second prompt reused the cache
     assert together.stdout.count("qwenmlx chat") == 1  # only rank 0 writes to the terminal
     assert "split by pipeline" in together.stdout and "communication" in together.stdout
     assert "/save is not available while the model is split over ranks" in together.stdout
@@ -235,3 +243,27 @@ def test_serve_under_mlx_launch_is_refused_in_one_line_before_loading(moe_dir):
     result = launch(2, sys.executable, "-m", "qwenmlx", "serve", "-m", str(moe_dir), "--port", "1")
     assert "error: serve does not run under mlx.launch yet" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_prompt_from_stdin_under_mlx_launch_is_refused_rather_than_waited_for(moe_dir):
+    """mlx.launch never closes the ranks' stdin, so reading it to its end would never return."""
+    result = launch(2, sys.executable, "-m", "qwenmlx", "generate", "-m", str(moe_dir), "-p", "-", stdin="Hello\n")
+    assert "error: -p -: under mlx.launch stdin never ends" in result.stderr
+
+
+def test_ctrl_c_ends_every_rank(moe_dir):
+    """Ctrl-C sends SIGINT to the terminal's foreground group: mlx.launch and, on this machine, every rank."""
+    argv = [str(LAUNCH), "-n", "2", "--backend", "ring", "-p", str(free_ports(2)), "--", sys.executable, "-m",
+            "qwenmlx", "generate", "-m", str(moe_dir), "-p", "Hello", "--max-tokens", "1000000", "--temp", "0",
+            "--no-memory-check", "--parallel", "experts"]
+    launcher = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        launcher.stdout.read(1)  # rank 0 is generating
+        os.killpg(launcher.pid, signal.SIGINT)
+        stderr = launcher.communicate(timeout=LAUNCH_TIMEOUT)[1].decode()
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    for rank in (0, 1):
+        assert f"Node with rank {rank} exited with code 130" in stderr
