@@ -1,8 +1,9 @@
 """Several machines: one model split over the processes `mlx.launch` starts, through MLX's own mx.distributed.
 
-Every rank runs the same command on the same inputs, in lockstep, and computes the same logits, so every
-rank samples the same token from the same random state (rank 0's seed). Rank 0 alone writes to the
-terminal. `shard(model, group, mode)` splits the built model before its weights are read:
+Every rank runs the same command on the same inputs, in lockstep; each step's token is the one rank 0
+sampled (an all_sum of 4 bytes), so all ranks go on alike. Rank 0 alone writes to the terminal, and in
+chat reads it for all (SharedInput). `shard(model, group, mode)` splits the built model before its
+weights are read:
 
 - pipeline: consecutive layers per rank. Rank r receives the hidden state from rank r-1, runs its layers and
   sends the result to rank r+1; the last rank's output is summed over all ranks (the others add zeros), so
@@ -31,6 +32,7 @@ from .errors import QwenMLXError
 from .model import MLP, DecoderLayer, ExpertsSwiGLU, Model, SparseMoeBlock
 
 MODES = ("pipeline", "experts")
+TOKEN_BYTES = 4  # a sampled token id (uint32)
 
 
 def check_mode(mode: str) -> str:
@@ -65,18 +67,12 @@ class Ranks:
 
 
 def join(mode: str = "pipeline") -> Ranks:
-    """The ranks this process runs among (one when not started by mlx.launch).
-
-    On several ranks, the followers' stdout goes nowhere (rank 0 owns the terminal) and every rank takes
-    rank 0's random seed, so sampling at any temperature picks the same token everywhere.
-    """
+    """The ranks this process runs among (one when not started by mlx.launch); on several, the followers'
+    stdout goes nowhere (rank 0 owns the terminal)."""
     ranks = Ranks(mx.distributed.init(), check_mode(mode))
-    if ranks.size > 1:
-        if ranks.rank != 0:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-        seed = mx.random.randint(0, 2**31 - 1, ()) if ranks.rank == 0 else mx.array(0)
-        mx.random.seed(all_sum(seed, ranks.group).item())
+    if ranks.size > 1 and ranks.rank != 0:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
     return ranks
 
 
@@ -176,15 +172,16 @@ def bytes_sent_per_token(config: ModelConfig, mode: str, size: int, dtype_bytes:
     sends 2(size-1)/size * B from each rank; loopback measurements in scripts/bench_distributed.py agree).
 
     pipeline: the hidden state over each of the size-1 links, then the all_sum handing the last rank's output
-    to all; experts: one all_sum of the hidden state per layer.
+    to all; experts: one all_sum of the hidden state per layer. Both: rank 0's sampled token (4 bytes) to all.
     """
     if size == 1:
         return 0
     hidden = config.hidden_size * dtype_bytes
+    token = 2 * (size - 1) * TOKEN_BYTES
     all_sum_bytes = 2 * (size - 1) * hidden
     if check_mode(mode) == "pipeline":
-        return (size - 1) * hidden + all_sum_bytes
-    return config.num_hidden_layers * all_sum_bytes
+        return (size - 1) * hidden + all_sum_bytes + token
+    return config.num_hidden_layers * all_sum_bytes + token
 
 
 def messages_per_token(config: ModelConfig, mode: str, size: int) -> int:
@@ -193,8 +190,8 @@ def messages_per_token(config: ModelConfig, mode: str, size: int) -> int:
         return 0
     all_sum_steps = 2 * (size - 1)  # a ring all_sum: size-1 steps to reduce, size-1 to share
     if check_mode(mode) == "pipeline":
-        return (size - 1) + all_sum_steps
-    return config.num_hidden_layers * all_sum_steps
+        return (size - 1) + all_sum_steps + all_sum_steps
+    return (config.num_hidden_layers + 1) * all_sum_steps
 
 
 def shard(model: Model, group: mx.distributed.Group, mode: str) -> Model:
@@ -212,15 +209,31 @@ def shard(model: Model, group: mx.distributed.Group, mode: str) -> Model:
 class Split:
     """How a model is split over the ranks, and what that costs per token (chat's /stats shows it)."""
 
+    group: mx.distributed.Group
     mode: str
-    size: int
     collectives_per_token: int  # sends and all_sums one token waits for, one after another
     bytes_per_token: int  # sent by all ranks together
     seconds_per_collective: float  # one all_sum of one token's hidden state, timed after loading
 
+    @property
+    def size(self) -> int:
+        return self.group.size()
+
     def communication_seconds(self, tokens: int) -> float:
         """Time `tokens` forwarded tokens spent communicating, estimated (MLX does not time its collectives)."""
         return tokens * self.collectives_per_token * self.seconds_per_collective
+
+    def rank_0_samples(self, sample):
+        """sample(logits, counts) whose token is rank 0's on every rank, so all go on with the same token even
+        where another machine's arithmetic would tip a near tie the other way."""
+
+        def rank_0s(logits: mx.array, counts: mx.array) -> mx.array:
+            token = sample(logits, counts)
+            if self.group.rank() != 0:  # zeros to add, once this rank's collectives of the step are done
+                token = mx.depends(mx.zeros_like(token), token)
+            return all_sum(token, self.group)
+
+        return rank_0s
 
 
 def load_sharded(model_dir: Path, ranks: Ranks, *, threads: int | None = None,
@@ -234,8 +247,9 @@ def load_sharded(model_dir: Path, ranks: Ranks, *, threads: int | None = None,
     mx.eval(model.parameters())
     all_sum(mx.array(1.0), ranks.group).item()  # every rank loaded before any starts work
     config, dtype = model.config, compute_dtype()
-    collectives = ranks.size if ranks.mode == "pipeline" else config.num_hidden_layers
-    model.split = Split(ranks.mode, ranks.size, collectives,
+    # pipeline: the sends from stage to stage, the final all_sum; experts: one all_sum per layer; and the token.
+    collectives = (ranks.size if ranks.mode == "pipeline" else config.num_hidden_layers) + 1
+    model.split = Split(ranks.group, ranks.mode, collectives,
                         bytes_sent_per_token(config, ranks.mode, ranks.size, dtype.size),
                         time_all_sum(mx.zeros((1, 1, config.hidden_size), dtype), ranks.group))
     return model

@@ -293,6 +293,8 @@ def generate_tokens(
     stats.prompt_tokens = len(prompt_tokens)
     stop_ids = frozenset(stop_ids)
     sample = sampler or make_sampler(sampling)
+    if getattr(model, "split", None) is not None:  # split over ranks (distributed.py): rank 0's token for all
+        sample = model.split.rank_0_samples(sample)
     use_counts = sampling.presence_penalty != 0 or sampling.repetition_penalty != 1.0
     counts = mx.zeros((model.config.vocab_size,), mx.int32)
     thought = Thought(*think_ids, prompt_tokens)

@@ -1,7 +1,8 @@
 """One rank of a test run under mlx.launch (tests/test_distributed.py): it writes what it saw to OUT_DIR/rank<N>.json.
 
 Usage: distributed_rank.py MODEL_DIR MODE OUT_DIR [OPTIONS_JSON]. OPTIONS_JSON may hold kv_bits, max_kv_size
-and rope_scaling (as in one process: see greedy_tokens), and fail_rank: the rank that raises after loading.
+and rope_scaling (as in one process: see greedy_tokens), temperature (sampled from a random state of each
+rank's own), and fail_rank: the rank that raises after loading.
 """
 
 import json
@@ -13,15 +14,17 @@ from mlx.utils import tree_flatten
 
 from qwenmlx.cache import make_cache
 from qwenmlx.distributed import join, load_sharded, peers_lost_as_errors
-from qwenmlx.generate import generate_tokens
+from qwenmlx.generate import GREEDY, Sampling, generate_tokens
 
 PROMPT = [9707, 11, 1879, 0, 358, 1079, 264, 1273, 13]
 NEW_TOKENS = 12
 
 
-def greedy_tokens(model, kv_bits: int | None = None, max_kv_size: int | None = None) -> list[int]:
+def greedy_tokens(model, kv_bits: int | None = None, max_kv_size: int | None = None,
+                  sampling: Sampling = GREEDY) -> list[int]:
     cache = make_cache(model, max_kv_size, kv_bits)
-    return [token for token, _ in generate_tokens(model, PROMPT, cache=cache, max_tokens=NEW_TOKENS)]
+    return [token for token, _ in generate_tokens(model, PROMPT, cache=cache, sampling=sampling,
+                                                  max_tokens=NEW_TOKENS)]
 
 
 def main(model_dir: str, mode: str, out_dir: str, options: str = "{}") -> None:
@@ -32,7 +35,11 @@ def main(model_dir: str, mode: str, out_dir: str, options: str = "{}") -> None:
         loaded_bytes = mx.get_active_memory()
         if options.get("fail_rank") == ranks.rank:
             raise SystemExit(f"rank {ranks.rank} fails on purpose")
-        tokens = greedy_tokens(model, options.get("kv_bits"), options.get("max_kv_size"))
+        sampling = GREEDY
+        if "temperature" in options:  # each rank its own random state: rank 0's tokens must still win
+            mx.random.seed(ranks.rank)
+            sampling = Sampling(temperature=options["temperature"])
+        tokens = greedy_tokens(model, options.get("kv_bits"), options.get("max_kv_size"), sampling)
     facts = {"rank": ranks.rank, "size": ranks.size, "tokens": tokens, "loaded_bytes": loaded_bytes,
              "weight_bytes": sum(v.nbytes for _, v in tree_flatten(model.parameters())),
              "layer_bytes": sum(v.nbytes for _, v in tree_flatten([layer.parameters() for layer in model.layers]))}

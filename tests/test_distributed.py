@@ -150,6 +150,15 @@ def test_split_models_keep_every_lever_of_one_process(moe_dir, quantized_moe_dir
     assert [f["tokens"] for f in facts] == [alone] * n
 
 
+@pytest.mark.parametrize("mode", ["pipeline", "experts"])
+def test_every_rank_goes_on_with_rank_0s_sampled_token(moe_dir, tmp_path, mode):
+    """Each rank draws from a random state of its own; the tokens all ranks go on with are still rank 0's."""
+    result = run_ranks(2, moe_dir, mode, tmp_path / "out", json.dumps({"temperature": 1.0}))
+    assert result.returncode == 0, result.stderr
+    first, second = rank_facts(tmp_path / "out")
+    assert first["tokens"] == second["tokens"]
+
+
 @pytest.mark.parametrize("failing_rank", [0, 1])
 def test_a_failing_rank_ends_every_rank(moe_dir, tmp_path, failing_rank):
     out_dir = tmp_path / "out"
