@@ -14,6 +14,7 @@ weights are read:
   and the KV cache are replicated.
 """
 
+import hashlib
 import os
 import statistics
 import sys
@@ -146,14 +147,26 @@ def peers_lost_as_errors(ranks: Ranks) -> Iterator[None]:
         raise
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+
+
+def setup_fingerprint(model_dir: Path, model_fingerprint: str) -> str:
+    """The checkpoint's fingerprint with the tokenizer's files: every rank tokenizes the prompt itself."""
+    digest = hashlib.sha256(model_fingerprint.encode())
+    for name in TOKENIZER_FILES:
+        path = model_dir / name
+        digest.update(name.encode() + (path.read_bytes() if path.is_file() else b"-"))
+    return digest.hexdigest()
+
+
 def check_same_model(fingerprint: str, group: mx.distributed.Group) -> None:
-    """Every rank must load the same checkpoint: compare fingerprints before any weight is read."""
+    """Every rank must load the same checkpoint and tokenizer: compare fingerprints before any weight is read."""
     mine = mx.array(list(bytes.fromhex(fingerprint)), dtype=mx.int32)
     every = mx.distributed.all_gather(mine[None], group=group, stream=mx.cpu).tolist()
     differing = [r for r, theirs in enumerate(every) if theirs != every[0]]
     if differing:
-        raise QwenMLXError(f"rank {differing[0]} has a different model from rank 0's (config or weights differ): "
-                           "every rank needs the same checkpoint")
+        raise QwenMLXError(f"rank {differing[0]} has a different model from rank 0's (config, weights or "
+                           "tokenizer differ): every rank needs the same checkpoint")
 
 
 def layer_ranges(n_layers: int, size: int) -> list[range]:
@@ -240,7 +253,7 @@ def load_sharded(model_dir: Path, ranks: Ranks, *, threads: int | None = None,
                  rope_scaling: dict | None = None) -> Model:
     """This rank's part of the model: built lazily, checked against the other ranks, split, then read."""
     model, _ = load_model(model_dir, lazy=True, threads=threads, rope_scaling=rope_scaling)
-    check_same_model(model.fingerprint, ranks.group)
+    check_same_model(setup_fingerprint(model_dir, model.fingerprint), ranks.group)
     shard(model, ranks.group, ranks.mode)
     for layer in model.layers:  # a layer at a time, as load_model does
         mx.eval(layer.parameters())

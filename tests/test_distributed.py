@@ -169,15 +169,30 @@ def test_a_failing_rank_ends_every_rank(moe_dir, tmp_path, failing_rank):
     assert rank_facts(out_dir) == []  # the other rank did not go on to finish alone
 
 
-def test_ranks_with_different_models_are_refused_naming_the_rank(moe_dir, moe_dir_other_weights, tmp_path):
-    """Rank 1 is given another checkpoint of the same shapes: every rank stops before generating, rank named."""
+@pytest.fixture
+def moe_dir_other_generation_config(moe_dir, tmp_path):
+    """The tiny MoE checkpoint (weights linked) with another generation_config.json."""
+    copy = tmp_path / "other-generation-config"
+    copy.mkdir()
+    for path in moe_dir.iterdir():
+        (copy / path.name).symlink_to(path)
+    (copy / "generation_config.json").unlink()
+    (copy / "generation_config.json").write_text(json.dumps({"temperature": 0.1}))
+    return copy
+
+
+@pytest.mark.parametrize("other", ["moe_dir_other_weights", "moe_dir_other_generation_config"])
+def test_ranks_with_different_models_are_refused_naming_the_rank(moe_dir, tmp_path, request, other):
+    """Rank 1 is given other weights of the same shapes, or another tokenizer setting: every rank stops before
+    generating, naming rank 1."""
+    other_dir = request.getfixturevalue(other)
     first = free_ports(2)
     hostfile = tmp_path / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{first}"], [f"127.0.0.1:{first + 1}"]]))
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     ranks = []
-    for rank, model_dir in enumerate([moe_dir, moe_dir_other_weights]):
+    for rank, model_dir in enumerate([moe_dir, other_dir]):
         # What mlx.launch sets for each rank, done by hand so the ranks can differ in their arguments.
         env = {**os.environ, "PYTHONPATH": str(ROOT), "MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(rank)}
         ranks.append(subprocess.Popen([sys.executable, str(RANK_SCRIPT), str(model_dir), "pipeline", str(out_dir)],
