@@ -182,7 +182,7 @@ def layer_ranges(n_layers: int, size: int) -> list[range]:
 
 def bytes_sent_per_token(config: ModelConfig, mode: str, size: int, dtype_bytes: int) -> int:
     """Bytes all ranks together send per decoded token, from the plan (a ring all_sum of an array of B bytes
-    sends 2(size-1)/size * B from each rank; loopback measurements in scripts/bench_distributed.py agree).
+    sends 2(size-1)/size * B from each rank; scripts/bench_distributed.py measures the sockets against it).
 
     pipeline: the hidden state over each of the size-1 links, then the all_sum handing the last rank's output
     to all; experts: one all_sum of the hidden state per layer. Both: rank 0's sampled token (4 bytes) to all.
