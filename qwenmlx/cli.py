@@ -102,7 +102,7 @@ def load_weights(model_dir, threads: int | None, memory_check: bool, context: in
 
     size = ranks.size if ranks is not None else 1
     if memory_check:
-        check_memory(model_dir, context, budget=available_memory() * size, **levers)
+        check_memory(model_dir, context, budget=available_memory() * size if size > 1 else None, **levers)
     if size > 1:
         return load_sharded(model_dir, ranks, threads=threads)
     return load_model(model_dir, threads=threads)[0]

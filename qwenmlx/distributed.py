@@ -236,6 +236,17 @@ class Split:
         """Time `tokens` forwarded tokens spent communicating, estimated (MLX does not time its collectives)."""
         return tokens * self.collectives_per_token * self.seconds_per_collective
 
+    def least(self, value: int) -> int:
+        """The smallest of every rank's value (each rank passes its own; all get the same answer)."""
+        return min(self._every(value))
+
+    def most(self, value: int) -> int:
+        return max(self._every(value))
+
+    def _every(self, value: int) -> list[int]:
+        mine = mx.array([value], dtype=mx.int64)
+        return mx.distributed.all_gather(mine, group=self.group, stream=mx.cpu).tolist()
+
     def rank_0_samples(self, sample):
         """sample(logits, counts) whose token is rank 0's on every rank, so all go on with the same token even
         where another machine's arithmetic would tip a near tie the other way."""

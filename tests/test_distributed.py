@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten
 from qwenmlx.checkpoint import load_model
 from qwenmlx.distributed import layer_ranges
 from tests.checkpoints import TINY_MOE, write_hf_checkpoint
-from tests.distributed_rank import greedy_tokens
+from tests.distributed_rank import PROMPT, greedy_tokens
 
 pytestmark = pytest.mark.distributed
 
@@ -159,6 +159,17 @@ def test_every_rank_goes_on_with_rank_0s_sampled_token(moe_dir, tmp_path, mode):
     assert first["tokens"] == second["tokens"]
 
 
+@pytest.mark.parametrize("mode", ["pipeline", "experts"])
+def test_ranks_with_different_free_memory_cut_the_same_prefill_chunks(moe_dir, tmp_path, mode):
+    """Rank 0's machine would prefill 2,048 tokens at once, rank 1's only 128: all go by the tightest."""
+    model, _ = load_model(moe_dir)
+    alone = greedy_tokens(model, prompt=PROMPT * 40)
+    options = {"prompt_repeats": 40, "available_memory": [10**12, 10**8]}
+    result = run_ranks(2, moe_dir, mode, tmp_path / "out", json.dumps(options))
+    assert result.returncode == 0, result.stderr
+    assert [f["tokens"] for f in rank_facts(tmp_path / "out")] == [alone, alone]
+
+
 @pytest.mark.parametrize("failing_rank", [0, 1])
 def test_a_failing_rank_ends_every_rank(moe_dir, tmp_path, failing_rank):
     out_dir = tmp_path / "out"
@@ -281,7 +292,8 @@ def test_ctrl_c_ends_every_rank(moe_dir):
             "qwenmlx", "generate", "-m", str(moe_dir), "-p", "Hello", "--max-tokens", "1000000", "--temp", "0",
             "--no-memory-check", "--parallel", "experts"]
     launcher = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a shell
     try:
         launcher.stdout.read(1)  # rank 0 is generating
         os.killpg(launcher.pid, signal.SIGINT)
@@ -289,5 +301,6 @@ def test_ctrl_c_ends_every_rank(moe_dir):
     finally:
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
     for rank in (0, 1):
         assert f"Node with rank {rank} exited with code 130" in stderr
