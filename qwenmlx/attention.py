@@ -19,9 +19,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelConfig
+from .cpu_streams import NO_CORES
 from .errors import QwenMLXError
 from .fused import concatenate_rows
-from .parallel import NO_CORES
 from .rope import RoPE
 
 
@@ -69,7 +69,7 @@ def keys_at_their_index(config: ModelConfig, attention: dict | None) -> bool:
 class Attention(nn.Module):
     """Grouped-query attention with per-head RMSNorm on q and k before RoPE."""
 
-    cores = NO_CORES  # where the projections are split (see parallel.py)
+    cores = NO_CORES  # where the projections are split (see cpu_streams.py)
     rotated_keys = True  # the cache holds keys rotated at their index
 
     def __init__(self, c: ModelConfig):

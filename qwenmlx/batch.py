@@ -12,7 +12,7 @@ by expert, so each expert's weights are read once for all the rows that chose it
 import mlx.core as mx
 
 from .cache import KVCache
-from .parallel import NO_CORES, Cores
+from .cpu_streams import NO_CORES, Cores
 
 
 class BatchCache:

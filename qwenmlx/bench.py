@@ -210,7 +210,7 @@ class QwenMLXSide:
     @staticmethod
     def kernels(model, cache: list) -> dict:
         """Counted with each matmul whole, as on a GPU (what carries over to a Mac); cpu_total with the CPU's split."""
-        from .parallel import NO_CORES
+        from .cpu_streams import NO_CORES
 
         cores = model.cores
         cpu = decode_step_kernels(model, cache)

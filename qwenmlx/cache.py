@@ -18,8 +18,8 @@ from pathlib import Path
 import mlx.core as mx
 
 from .checkpoint import safetensors_header
+from .cpu_streams import NO_CORES, Cores
 from .errors import QwenMLXError
-from .parallel import NO_CORES, Cores
 
 SUPPORTED_KV_BITS = (4, 8)
 CACHE_HEADER_KEY = "qwenmlx_caches"  # in a saved cache's safetensors metadata: each layer's describe()

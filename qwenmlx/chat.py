@@ -151,6 +151,7 @@ class ChatSession:
         Checked before any work: only a missing file or an earlier saved chat is replaced, and a failed
         save leaves nothing behind (both files are written to temporary names, then renamed).
         """
+        self._check_whole("/save")
         path = Path(path)
         check_save_destination(path)
         history = {"system": self.system, "thinking": self.thinking, "messages": self.messages}
@@ -172,6 +173,7 @@ class ChatSession:
         otherwise it is dropped and the next turn prefills the history again. The session's own
         settings (thinking, cache bound and bits) stay as they are.
         """
+        self._check_whole("/load")
         path = Path(path)
         history, notes = read_history(path), []
         caches, cached_tokens = None, []
@@ -193,6 +195,11 @@ class ChatSession:
         if caches is not None:
             self.cache, self.cached_tokens = caches, cached_tokens
         return notes
+
+    def _check_whole(self, command: str) -> None:
+        if self.model.split is not None:
+            raise QwenMLXError(f"{command} is not available while the model is split over ranks (mlx.launch): "
+                               "each rank holds its own part of the KV cache")
 
     def cache_owner(self) -> dict:
         """What makes a KV cache's values: the checkpoint, and RoPE's scaling (which load() may override)."""

@@ -215,4 +215,13 @@ class ChatTerminal:
             table.add_row("prefill", f"{s.prefill_tps:.1f} tok/s")
             table.add_row("decode", f"{s.generated_tokens} tokens at {s.decode_tps:.1f} tok/s")
             table.add_row("peak memory", f"{s.peak_memory_gb:.2f} GB")
+        if session.model.split is not None:
+            split = session.model.split
+            table.add_row("ranks", f"{split.size}, split by {split.mode}: {split.bytes_per_token / 1e3:.1f} KB sent "
+                          f"per token, {split.collectives_per_token} exchanges of {split.seconds_per_collective * 1e6:.0f}"
+                          " µs each (timed at load)")
+            if session.last_turn:
+                s = session.last_turn.stats
+                table.add_row("communication", f"about {split.communication_seconds(s.generated_tokens):.2f} s of the "
+                              f"last answer's {s.decode_seconds:.2f} s of decode")
         self.console.print(table)

@@ -18,9 +18,9 @@ from mlx.utils import tree_flatten
 
 from .attention import check_past_window
 from .config import ModelConfig, read_config, with_qwen_dual_chunk
+from .cpu_streams import Cores
 from .errors import QwenMLXError
 from .model import Model
-from .parallel import Cores
 from .tokenizer import Tokenizer
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.tiktoken", "*.txt"]

@@ -92,16 +92,23 @@ def default_model_dir():
 
 
 def load_weights(model_dir, threads: int | None, memory_check: bool, context: int | None,
-                 attention: dict | None = None, **levers):
-    """The model's weights, once the memory check (weights + KV cache at `context`) says they fit.
+                 attention: dict | None = None, ranks=None, **levers):
+    """The model's weights (this rank's share under mlx.launch), once the memory check says they fit.
 
+    The check counts weights + KV cache at `context` against this machine's memory times the ranks.
     attention: load_model's self_extend and dual_chunk, as attention_options gives them.
     """
     from .checkpoint import load_model
+    from .distributed import load_sharded
+    from .generate import available_memory
     from .memory import check_memory
 
+    size = ranks.size if ranks is not None else 1
     if memory_check:
-        check_memory(model_dir, context, attention=attention, **levers)
+        check_memory(model_dir, context, attention=attention,
+                     budget=available_memory() * size if size > 1 else None, **levers)
+    if size > 1:
+        return load_sharded(model_dir, ranks, threads=threads, **(attention or {}))
     return load_model(model_dir, threads=threads, **(attention or {}))[0]
 
 
@@ -121,7 +128,7 @@ def sampling_options(temp, top_p, top_k, min_p, presence_penalty, repetition_pen
 
 def check_threads(threads: int | None) -> None:
     """--threads checked before any model is loaded; more than the cores is capped, with a note."""
-    from .parallel import thread_count
+    from .cpu_streams import thread_count
 
     _, note = thread_count(threads)
     if note:
@@ -151,6 +158,9 @@ DUAL_CHUNK_OPTION = typer.Option(False, "--dual-chunk",
 SPARSE_PREFILL_OPTION = typer.Option(False, "--sparse-prefill",
                                      help="Dual chunk attention's prefill sparse, per the config's sparse_attention_config "
                                           "(MInference's patterns, as vLLM; slightly different results, no faster yet).")
+PARALLEL_OPTION = typer.Option("pipeline", "--parallel",
+                               help="Under mlx.launch, how the model is split over the ranks: pipeline (layers) or "
+                                    "experts (a share of every expert).")
 
 
 def _prompt_from_stdin() -> str:
@@ -177,33 +187,39 @@ def generate(prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt,
              threads: int = THREADS_OPTION, memory_check: bool = MEMORY_CHECK_OPTION,
              self_extend: str = SELF_EXTEND_OPTION, dual_chunk: bool = DUAL_CHUNK_OPTION,
              sparse_prefill: bool = SPARSE_PREFILL_OPTION,
+             parallel: str = PARALLEL_OPTION,
              json_output: bool = typer.Option(False, "--json", help="Print JSON with the text, token counts, speeds.")):
     """One answer to one prompt, for scripts: the text on stdout (or JSON)."""
     import json
 
+    from .distributed import join, peers_lost_as_errors
     from .generate import check_generation, default_sampling, prompt_messages, stream_generate
 
     options = sampling_options(temp, top_p, top_k, min_p, presence_penalty, repetition_penalty, seed)
     check_generation(max_tokens, thinking_budget, prefill_step, **options)
     check_threads(threads)
     attention = attention_options(self_extend, dual_chunk, sparse_prefill)
+    ranks = join(parallel)
+    if prompt == "-":
+        ranks.check_can_read_stdin("-p -")
     text = _prompt_from_stdin() if prompt == "-" else prompt
     messages = prompt_messages(text, system)
     model_dir, tokenizer = open_model(model)
     tokens = tokenizer.apply_chat_template(messages, enable_thinking=think, tokenize=True)
-    llm = load_weights(model_dir, threads, memory_check, len(tokens) + max_tokens, attention,
-                       prompt_tokens=len(tokens), context_option="--max-tokens")
     sampling = default_sampling(tokenizer.thinks(think), tokenizer.generation_config, **options)
     pieces, stats = [], None
-    for step in stream_generate(llm, tokenizer, tokens, sampling=sampling, max_tokens=max_tokens,
-                                thinking_budget=thinking_budget, prefill_step=prefill_step):
-        stats = step.stats
-        pieces.append(step.text)
-        if not json_output:
-            sys.stdout.write(step.text)
-            sys.stdout.flush()
+    with peers_lost_as_errors(ranks):
+        llm = load_weights(model_dir, threads, memory_check, len(tokens) + max_tokens, attention, ranks,
+                           prompt_tokens=len(tokens), context_option="--max-tokens")
+        for step in stream_generate(llm, tokenizer, tokens, sampling=sampling, max_tokens=max_tokens,
+                                    thinking_budget=thinking_budget, prefill_step=prefill_step):
+            stats = step.stats
+            pieces.append(step.text)
+            if not json_output:
+                sys.stdout.write(step.text)
+                sys.stdout.flush()
     if json_output:
-        print(json.dumps({"text": "".join(pieces), **stats.to_dict()}, indent=2))
+        print(json.dumps({"text": "".join(pieces), **stats.to_dict(), **ranks.describe()}, indent=2))
     else:
         sys.stdout.write("\n")
 
@@ -224,23 +240,31 @@ def chat(model: str = MODEL_OPTION,
          repetition_penalty: float = REPETITION_OPTION, seed: int = SEED_OPTION,
          thinking_budget: int = BUDGET_OPTION, prefill_step: int = PREFILL_OPTION, threads: int = THREADS_OPTION,
          memory_check: bool = MEMORY_CHECK_OPTION, self_extend: str = SELF_EXTEND_OPTION,
-         dual_chunk: bool = DUAL_CHUNK_OPTION, sparse_prefill: bool = SPARSE_PREFILL_OPTION):
+         dual_chunk: bool = DUAL_CHUNK_OPTION, sparse_prefill: bool = SPARSE_PREFILL_OPTION,
+         parallel: str = PARALLEL_OPTION):
     """Chat in the terminal, with thinking, prompt reuse across turns and /commands (/help)."""
     from .chat import ChatSession
     from .chat_terminal import ChatTerminal
+    from .distributed import SharedInput, join, peers_lost_as_errors
     from .generate import check_generation
 
     options = sampling_options(temp, top_p, top_k, min_p, presence_penalty, repetition_penalty, seed)
     check_generation(max_tokens, thinking_budget, prefill_step, **options)
     check_threads(threads)
     attention = attention_options(self_extend, dual_chunk, sparse_prefill)
+    ranks = join(parallel)
     model_dir, tokenizer = open_model(model)
-    with console.status(f"loading {model_dir}"):
-        llm = load_weights(model_dir, threads, memory_check, max_kv_size, attention, kv_bits=kv_bits,
-                           context_option="--max-kv-size", kv_bits_option=True)
-    session = ChatSession(llm, tokenizer, system=system, thinking=think, max_kv_size=max_kv_size, kv_bits=kv_bits,
-                          max_tokens=max_tokens, thinking_budget=thinking_budget, prefill_step=prefill_step, **options)
-    ChatTerminal(session, console, plain=plain, hide_thinking=hide_thinking).run()
+    with peers_lost_as_errors(ranks):
+        with console.status(f"loading {model_dir}"):
+            llm = load_weights(model_dir, threads, memory_check, max_kv_size, attention, ranks, kv_bits=kv_bits,
+                               context_option="--max-kv-size", kv_bits_option=True)
+        session = ChatSession(llm, tokenizer, system=system, thinking=think, max_kv_size=max_kv_size,
+                              kv_bits=kv_bits, max_tokens=max_tokens, thinking_budget=thinking_budget,
+                              prefill_step=prefill_step, **options)
+        terminal = ChatTerminal(session, console, plain=plain, hide_thinking=hide_thinking)
+        if ranks.size > 1:  # rank 0 reads the terminal; every rank gets what it read
+            terminal.reader = SharedInput(terminal.reader, ranks)
+        terminal.run()
 
 
 # --- serve ---
@@ -277,11 +301,13 @@ def serve(model: str = MODEL_OPTION,
     from .attention import keys_at_their_index
     from .cache import check_bound
     from .config import read_config
+    from .distributed import check_one_rank
     from .server import Engine, LoadedModel, create_app
     from .server.prompt_cache import default_directory
 
     if not 0 < port < 65536:
         raise QwenMLXError(f"--port {port}: must be between 1 and 65535")
+    check_one_rank("serve")
     check_threads(threads)
     attention = attention_options(self_extend, dual_chunk, sparse_prefill)
     model_dir, tokenizer = open_model(model)
@@ -711,6 +737,7 @@ def summarize(
     self_extend: str = SELF_EXTEND_OPTION,
     dual_chunk: bool = DUAL_CHUNK_OPTION,
     sparse_prefill: bool = SPARSE_PREFILL_OPTION,
+    parallel: str = PARALLEL_OPTION,
 ):
     """Summarise a file of any length: in one pass (with YaRN or dual chunk attention when needed) or in parts."""
     import json
@@ -719,6 +746,7 @@ def summarize(
 
     from .config import read_config
     from .destinations import check_output_file, write_text_atomically
+    from .distributed import join, peers_lost_as_errors
     from .documents import read_document
     from .summarize import SummaryOptions, needs_dual_chunk
     from .summarize import summarize as summarize_document
@@ -727,33 +755,40 @@ def summarize(
     options.check()
     check_threads(threads)
     attention = attention_options(self_extend, dual_chunk, sparse_prefill)
+    ranks = join(parallel)
+    quiet = json_output or ranks.rank != 0  # under mlx.launch, rank 0 alone shows progress and writes --out
     if out is not None:
         inputs = {"document": Path(file)} if file != "-" else {}
         if Path(model).expanduser().exists():
             inputs["model directory"] = Path(model)
         out = check_output_file(out, inputs=inputs, force=force)
+    if file == "-":
+        ranks.check_can_read_stdin("summarize -")
     document = read_document(file)
-    if document.note and not json_output:
+    if document.note and not quiet:
         stderr.print(f"[yellow]note:[/yellow] {document.note}", highlight=False, soft_wrap=True)
     model_dir, tokenizer = open_model(model)
     if attention["self_extend"] is None and needs_dual_chunk(read_config(model_dir), tokenizer, document.text, options):
         attention["dual_chunk"] = True
-    with stderr.status(f"loading {model_dir}", spinner="dots") if not json_output else nullcontext():
-        # At least the answer must fit; the strategy then fits the document into what is left, in parts if need be.
-        llm = load_weights(model_dir, threads, memory_check, max_tokens * (2 if think else 1), attention,
-                           context_option="--max-tokens")
-    progress = None if json_output else SummaryBars()
-    try:
-        summary = summarize_document(llm, tokenizer, document, options, progress=progress)
-    finally:
-        if progress is not None and not progress.streaming:
-            progress.close()
+    with peers_lost_as_errors(ranks):
+        with stderr.status(f"loading {model_dir}", spinner="dots") if not quiet else nullcontext():
+            # At least the answer must fit; the strategy then fits the document into what is left, in parts if need be.
+            llm = load_weights(model_dir, threads, memory_check, max_tokens * (2 if think else 1), attention, ranks,
+                               context_option="--max-tokens")
+        progress = None if quiet else SummaryBars()
+        try:
+            summary = summarize_document(llm, tokenizer, document, options, progress=progress)
+        finally:
+            if progress is not None and not progress.streaming:
+                progress.close()
+    if ranks.rank != 0:
+        return
     if out is not None:
         write_text_atomically(out, summary.text + "\n")
     if json_output:
         facts = {"file": document.name, "kind": document.kind, "encoding": document.encoding,
                  "decoded_with_fallback": document.decoded_with_fallback, "model": str(model_dir),
-                 **summary.to_dict()}
+                 **summary.to_dict(), **ranks.describe()}
         print(json.dumps(facts, indent=2, ensure_ascii=False))
         return
     print()

@@ -217,6 +217,12 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def available_memory_for(model) -> int:
+    """available_memory(); for a model split over ranks, the least any rank has, so all cut the same chunks."""
+    split = getattr(model, "split", None)
+    return available_memory() if split is None else split.least(available_memory())
+
+
 def prefill_step_for(model, context_tokens: int, memory: int | None = None) -> int:
     """The largest prefill chunk whose transient buffers fit in half the available memory at this context length.
 
@@ -225,7 +231,7 @@ def prefill_step_for(model, context_tokens: int, memory: int | None = None) -> i
     is ~16 GB of scores for Qwen3-30B-A3B, which is what runs a 32 GB Mac out of memory.
     """
     c = model.config
-    memory = available_memory() if memory is None else memory
+    memory = available_memory_for(model) if memory is None else memory
     hidden = c.moe_intermediate_size * c.num_experts_per_tok if c.num_experts else c.intermediate_size
     per_token = 4 * (3 * c.num_attention_heads * context_tokens + 3 * hidden + 8 * c.hidden_size + c.vocab_size)
     step = (memory // 2) // per_token
@@ -293,6 +299,8 @@ def generate_tokens(
     stats.prompt_tokens = len(prompt_tokens)
     stop_ids = frozenset(stop_ids)
     sample = sampler or make_sampler(sampling)
+    if getattr(model, "split", None) is not None:  # split over ranks (distributed.py): rank 0's token for all
+        sample = model.split.rank_0_samples(sample)
     use_counts = sampling.presence_penalty != 0 or sampling.repetition_penalty != 1.0
     counts = mx.zeros((model.config.vocab_size,), mx.int32)
     thought = Thought(*think_ids, prompt_tokens)

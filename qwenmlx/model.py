@@ -12,8 +12,8 @@ import mlx.nn as nn
 
 from .attention import Attention, make_attention
 from .config import ModelConfig
+from .cpu_streams import NO_CORES, Cores
 from .fused import concatenate_rows
-from .parallel import NO_CORES, Cores
 from .rope import RoPE
 
 
@@ -171,6 +171,7 @@ class Model(nn.Module):
 
     cores = NO_CORES
     fingerprint: str | None = None  # which checkpoint filled the weights (checkpoint.model_fingerprint); None: unknown
+    split: Any = None  # how distributed.shard split it over several ranks (distributed.Split); None: whole here
 
     def __init__(self, config: ModelConfig):
         super().__init__()

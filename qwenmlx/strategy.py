@@ -94,6 +94,8 @@ def limits_for(model, *, native: int | None = None, memory_budget: int | None = 
         # What is still free, plus what MLX already holds (the weights, which the estimate counts).
         memory_budget = available_memory() + mx.get_active_memory()
     weights_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    if getattr(model, "split", None) is not None:  # split over ranks: all choose by the tightest rank's figures
+        memory_budget, weights_bytes = model.split.least(memory_budget), model.split.most(weights_bytes)
     return config_limits(model.config, weights_bytes, model.model.norm.weight.dtype.size, memory_budget, native)
 
 

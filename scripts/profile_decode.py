@@ -21,7 +21,7 @@ import mlx.core as mx  # noqa: E402
 
 from qwenmlx.cache import make_cache  # noqa: E402
 from qwenmlx.checkpoint import load_model  # noqa: E402
-from qwenmlx.parallel import NO_CORES, Cores  # noqa: E402
+from qwenmlx.cpu_streams import NO_CORES, Cores  # noqa: E402
 
 
 def best_seconds(compute, repeats: int) -> float:

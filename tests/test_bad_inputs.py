@@ -216,6 +216,8 @@ ROWS = [
                                                                      "original_max_position_embeddings": 32},
                                      "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
                                                       "original_max_position_embeddings": 1024}}}),
+    # --- several machines ---
+    Row("generate-unknown-parallel-mode", (*GENERATE, "--parallel", "tensor"), "--parallel tensor"),
 ]
 
 

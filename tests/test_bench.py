@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from qwenmlx.bench import REAL_CONFIG, BenchOptions, decode_step_kernels, measure_command, result_tables, run_bench
 from qwenmlx.cli import app
 from qwenmlx.config import config_from_dict
+from qwenmlx.cpu_streams import cpu_threads
 from qwenmlx.errors import QwenMLXError
-from qwenmlx.parallel import cpu_threads
 
 # Qwen3-30B-A3B's config with every size shrunk (group-64 quantization still divides every input width).
 TINY = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8,

@@ -1,4 +1,4 @@
-"""Splitting matmuls over CPU streams (qwenmlx/parallel.py) changes no number, and is on by default on the CPU."""
+"""Splitting matmuls over CPU streams (qwenmlx/cpu_streams.py) changes no number, and is on by default on the CPU."""
 
 import json
 import subprocess
@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from qwenmlx.cache import make_cache
 from qwenmlx.checkpoint import load_model
 from qwenmlx.cli import app
-from qwenmlx.parallel import NO_CORES, Cores, cpu_threads
+from qwenmlx.cpu_streams import NO_CORES, Cores, cpu_threads
 from tests.checkpoints import MODEL_VARIANTS
 from tests.test_bench import tiny_models
 

@@ -1,0 +1,306 @@
+"""Several ranks under mlx.launch (ring backend over loopback, CPU): the same greedy tokens as one process in
+both modes, each rank holding its share of the layers' weights, all ranks ending when one fails, the same
+model on every rank.
+
+Each launch starts Python processes; the module's launches are made once and shared, and carry the
+`distributed` mark (`-m "not distributed"` leaves them out).
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlx.utils import tree_flatten
+
+from qwenmlx.checkpoint import load_model
+from qwenmlx.distributed import layer_ranges
+from tests.checkpoints import TINY_MOE, write_hf_checkpoint
+from tests.distributed_rank import PROMPT, greedy_tokens
+
+pytestmark = pytest.mark.distributed
+
+ROOT = Path(__file__).resolve().parent.parent
+LAUNCH = Path(sys.executable).parent / "mlx.launch"
+RANK_SCRIPT = ROOT / "tests" / "distributed_rank.py"
+LAUNCH_TIMEOUT = 300
+
+
+def free_ports(n: int) -> int:
+    """A first port of n consecutive ones that are free now (the ring backend listens on port, port+1, ...)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            first = s.getsockname()[1]
+        if first + n > 65535:
+            continue
+        try:
+            for port in range(first, first + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+
+
+def launch(n: int, *command: str, stdin: str = "") -> subprocess.CompletedProcess:
+    """`mlx.launch -n N --backend ring -- command` from the worktree's root, so the ranks import its qwenmlx.
+
+    mlx.launch hands its stdin to every rank but never closes theirs, so input that a command reads to its
+    end must end in a command that ends it (chat's /exit).
+    """
+    argv = [str(LAUNCH), "-n", str(n), "--backend", "ring", "-p", str(free_ports(n)), "--", *command]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT,
+                          input=stdin)
+
+
+def run_ranks(n: int, model_dir: Path, mode: str, out_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    out_dir.mkdir(exist_ok=True)
+    return launch(n, sys.executable, str(RANK_SCRIPT), str(model_dir), mode, str(out_dir), *extra)
+
+
+def rank_facts(out_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(out_dir.glob("rank*.json"))]
+
+
+def nbytes(tree) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(tree))
+
+
+@pytest.fixture(scope="module")
+def one_process(moe_dir):
+    """Greedy tokens of the whole model in one process; each layer's bytes, and its experts' (the part split)."""
+    model, _ = load_model(moe_dir)
+    return {"tokens": greedy_tokens(model), "layer_bytes": [nbytes(layer.parameters()) for layer in model.layers],
+            "expert_bytes": [nbytes(layer.mlp.switch_mlp.parameters()) for layer in model.layers]}
+
+
+@pytest.fixture(scope="module")
+def launched(moe_dir, tmp_path_factory):
+    """{(mode, ranks): (mlx.launch's result, each rank's facts)} for 2 and 3 ranks in both modes."""
+    runs = {}
+    for mode in ("pipeline", "experts"):
+        for n in (2, 3):
+            out_dir = tmp_path_factory.mktemp(f"{mode}-{n}")
+            result = run_ranks(n, moe_dir, mode, out_dir)
+            runs[mode, n] = result, rank_facts(out_dir)
+    return runs
+
+
+RUNS = [("pipeline", 2), ("pipeline", 3), ("experts", 2), ("experts", 3)]
+
+
+@pytest.mark.parametrize("mode, n", RUNS)
+def test_every_rank_generates_the_greedy_tokens_of_one_process(launched, one_process, mode, n):
+    result, facts = launched[mode, n]
+    assert result.returncode == 0, result.stderr
+    assert [f["rank"] for f in facts] == list(range(n))
+    for f in facts:
+        assert f["tokens"] == one_process["tokens"]
+
+
+@pytest.mark.parametrize("mode, n", RUNS)
+def test_each_rank_holds_its_share_of_the_layers_weights_and_nothing_more(launched, one_process, mode, n):
+    _, facts = launched[mode, n]
+    layers, experts = one_process["layer_bytes"], one_process["expert_bytes"]
+    assert len(facts) == n
+    for f in facts:
+        if mode == "pipeline":
+            assert f["layer_bytes"] == sum(layers[i] for i in layer_ranges(len(layers), n)[f["rank"]])
+        else:  # 1/n of every expert (to within one row of the intermediate size); attention and router replicated
+            assert f["layer_bytes"] == pytest.approx(sum(layers) - sum(experts) + sum(experts) / n, rel=0.05)
+        assert f["loaded_bytes"] <= f["weight_bytes"] + 2**20  # no dropped weight kept alive behind a slice
+
+
+@pytest.fixture(scope="module")
+def quantized_moe_dir(tmp_path_factory):
+    """A 4-bit checkpoint (groups of 32) whose experts' 96 intermediate rows split into 2 or 3 whole groups."""
+    from quantize import get_recipe
+    from qwenmlx.convert import convert
+
+    source = write_hf_checkpoint(tmp_path_factory.mktemp("moe-96"), dict(TINY_MOE, moe_intermediate_size=96))
+    dst = tmp_path_factory.mktemp("moe-96-q4") / "q4"
+    convert(source, dst, get_recipe("q4", 32))
+    return dst
+
+
+LEVERS = [  # (checkpoint, mode, ranks, options): the cache kinds, YaRN, quantized weights
+    ("quantized", "experts", 3, {"kv_bits": 8}),
+    ("quantized", "pipeline", 2, {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                                   "original_max_position_embeddings": 8}}),
+    ("float", "experts", 2, {"max_kv_size": 12}),
+]
+
+
+@pytest.mark.parametrize("checkpoint, mode, n, options", LEVERS, ids=lambda v: json.dumps(v) if isinstance(v, dict) else str(v))
+def test_split_models_keep_every_lever_of_one_process(moe_dir, quantized_moe_dir, tmp_path, checkpoint, mode, n,
+                                                      options):
+    model_dir = quantized_moe_dir if checkpoint == "quantized" else moe_dir
+    model, _ = load_model(model_dir, rope_scaling=options.get("rope_scaling"))
+    alone = greedy_tokens(model, options.get("kv_bits"), options.get("max_kv_size"))
+    result = run_ranks(n, model_dir, mode, tmp_path / "out", json.dumps(options))
+    assert result.returncode == 0, result.stderr
+    facts = rank_facts(tmp_path / "out")
+    assert [f["tokens"] for f in facts] == [alone] * n
+
+
+@pytest.mark.parametrize("mode", ["pipeline", "experts"])
+def test_every_rank_goes_on_with_rank_0s_sampled_token(moe_dir, tmp_path, mode):
+    """Each rank draws from a random state of its own; the tokens all ranks go on with are still rank 0's."""
+    result = run_ranks(2, moe_dir, mode, tmp_path / "out", json.dumps({"temperature": 1.0}))
+    assert result.returncode == 0, result.stderr
+    first, second = rank_facts(tmp_path / "out")
+    assert first["tokens"] == second["tokens"]
+
+
+@pytest.mark.parametrize("mode", ["pipeline", "experts"])
+def test_ranks_with_different_free_memory_cut_the_same_prefill_chunks(moe_dir, tmp_path, mode):
+    """Rank 0's machine would prefill 2,048 tokens at once, rank 1's only 128: all go by the tightest."""
+    model, _ = load_model(moe_dir)
+    alone = greedy_tokens(model, prompt=PROMPT * 40)
+    options = {"prompt_repeats": 40, "available_memory": [10**12, 10**8]}
+    result = run_ranks(2, moe_dir, mode, tmp_path / "out", json.dumps(options))
+    assert result.returncode == 0, result.stderr
+    assert [f["tokens"] for f in rank_facts(tmp_path / "out")] == [alone, alone]
+
+
+@pytest.mark.parametrize("failing_rank", [0, 1])
+def test_a_failing_rank_ends_every_rank(moe_dir, tmp_path, failing_rank):
+    out_dir = tmp_path / "out"
+    result = run_ranks(2, moe_dir, "pipeline", out_dir, json.dumps({"fail_rank": failing_rank}))  # or times out
+    # mlx.launch exits 0 whatever its ranks did, and names each rank that failed or that it stopped.
+    assert f"Node with rank {failing_rank} exited with code 1" in result.stderr
+    assert f"rank {failing_rank} fails on purpose" in result.stderr
+    assert rank_facts(out_dir) == []  # the other rank did not go on to finish alone
+
+
+@pytest.fixture
+def moe_dir_other_generation_config(moe_dir, tmp_path):
+    """The tiny MoE checkpoint (weights linked) with another generation_config.json."""
+    copy = tmp_path / "other-generation-config"
+    copy.mkdir()
+    for path in moe_dir.iterdir():
+        (copy / path.name).symlink_to(path)
+    (copy / "generation_config.json").unlink()
+    (copy / "generation_config.json").write_text(json.dumps({"temperature": 0.1}))
+    return copy
+
+
+@pytest.mark.parametrize("other", ["moe_dir_other_weights", "moe_dir_other_generation_config"])
+def test_ranks_with_different_models_are_refused_naming_the_rank(moe_dir, tmp_path, request, other):
+    """Rank 1 is given other weights of the same shapes, or another tokenizer setting: every rank stops before
+    generating, naming rank 1."""
+    other_dir = request.getfixturevalue(other)
+    first = free_ports(2)
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{first}"], [f"127.0.0.1:{first + 1}"]]))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    ranks = []
+    for rank, model_dir in enumerate([moe_dir, other_dir]):
+        # What mlx.launch sets for each rank, done by hand so the ranks can differ in their arguments.
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(rank)}
+        ranks.append(subprocess.Popen([sys.executable, str(RANK_SCRIPT), str(model_dir), "pipeline", str(out_dir)],
+                                      cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True))
+    errors = [p.communicate(timeout=LAUNCH_TIMEOUT)[1] for p in ranks]
+    assert [p.returncode for p in ranks] == [1, 1]
+    for stderr in errors:
+        assert "rank 1 has a different model from rank 0's" in stderr
+    assert rank_facts(out_dir) == []
+
+
+def test_generate_under_mlx_launch_prints_once_with_world_size_and_mode(moe_dir):
+    argv = ["-m", "qwenmlx", "generate", "-m", str(moe_dir), "-p", "Hello", "--max-tokens", "6", "--temp", "0",
+            "--json", "--no-memory-check"]
+    alone = json.loads(subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True,
+                                      check=True).stdout)
+    result = launch(2, sys.executable, *argv, "--parallel", "experts")
+    assert result.returncode == 0, result.stderr
+    together = json.loads(result.stdout)  # one JSON document: only rank 0 writes to stdout
+    assert (alone["world_size"], alone["parallel"]) == (1, None)
+    assert (together["world_size"], together["parallel"]) == (2, "experts")
+    assert together["text"] == alone["text"]
+
+
+def test_layers_split_into_consecutive_runs_covering_each_once():
+    for n_layers in (3, 4, 48, 94):
+        for size in (1, 2, 3):
+            ranges = layer_ranges(n_layers, size)
+            assert [i for r in ranges for i in r] == list(range(n_layers))
+            assert max(map(len, ranges)) - min(map(len, ranges)) <= 1
+
+
+
+def test_chat_under_mlx_launch_answers_as_one_process_from_rank_0s_input(moe_dir, tmp_path):
+    """Rank 0 reads the lines and hands them to rank 1; two answers (the second reusing the first's cache) are
+    one process's; /stats shows the split; /save is refused."""
+    argv = ["-m", "qwenmlx", "chat", "-m", str(moe_dir), "--plain", "--no-think", "--max-tokens", "6",
+            "--temp", "0", "--no-memory-check"]
+    saved = tmp_path / "chat.json"
+    alone = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True,
+                           input="Hello there\nAnd again\n/exit\n", timeout=LAUNCH_TIMEOUT)
+    together = launch(2, sys.executable, *argv, "--parallel", "pipeline",
+                      stdin=f"Hello there\nAnd again\n/stats\n/save {saved}\n/exit\n")
+    assert together.returncode == 0, together.stderr
+    assert "Node with rank" not in together.stderr  # every rank exited 0
+
+    def answers(stdout: str) -> list[str]:
+        return [turn.split("\n")[0] for turn in stdout.split(">>> ")[1:3]]
+
+    assert all(answer.strip() for answer in answers(alone.stdout))
+    assert answers(together.stdout) == answers(alone.stdout)
+    assert int(re.search(r"(\d+) reused", together.stdout).group(1)) > 0  # the second prompt reused the cache
+    assert together.stdout.count("qwenmlx chat") == 1  # only rank 0 writes to the terminal
+    assert "split by pipeline" in together.stdout and "communication" in together.stdout
+    assert "/save is not available while the model is split over ranks" in together.stdout
+    assert not saved.exists()
+
+
+def test_summarize_under_mlx_launch_writes_its_summary_once_from_rank_0(moe_dir, tmp_path):
+    document, out = tmp_path / "notes.txt", tmp_path / "summary.txt"
+    document.write_text("A mixture-of-experts layer routes each token to a few of its experts.\n")
+    result = launch(2, sys.executable, "-m", "qwenmlx", "summarize", str(document), "-m", str(moe_dir),
+                    "--max-tokens", "6", "--json", "--no-memory-check", "--parallel", "experts", "--out", str(out))
+    assert result.returncode == 0 and "Node with rank" not in result.stderr, result.stderr
+    facts = json.loads(result.stdout)  # one JSON document: only rank 0 writes to stdout
+    assert (facts["world_size"], facts["parallel"]) == (2, "experts")
+    assert out.read_text() == facts["summary"] + "\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "summary.txt"]  # no rank's leftovers
+
+
+def test_serve_under_mlx_launch_is_refused_in_one_line_before_loading(moe_dir):
+    result = launch(2, sys.executable, "-m", "qwenmlx", "serve", "-m", str(moe_dir), "--port", "1")
+    assert "error: serve does not run under mlx.launch yet" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_prompt_from_stdin_under_mlx_launch_is_refused_rather_than_waited_for(moe_dir):
+    """mlx.launch never closes the ranks' stdin, so reading it to its end would never return."""
+    result = launch(2, sys.executable, "-m", "qwenmlx", "generate", "-m", str(moe_dir), "-p", "-", stdin="Hello\n")
+    assert "error: -p -: under mlx.launch stdin never ends" in result.stderr
+
+
+def test_ctrl_c_ends_every_rank(moe_dir):
+    """Ctrl-C sends SIGINT to the terminal's foreground group: mlx.launch and, on this machine, every rank."""
+    argv = [str(LAUNCH), "-n", "2", "--backend", "ring", "-p", str(free_ports(2)), "--", sys.executable, "-m",
+            "qwenmlx", "generate", "-m", str(moe_dir), "-p", "Hello", "--max-tokens", "1000000", "--temp", "0",
+            "--no-memory-check", "--parallel", "experts"]
+    launcher = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a shell
+    try:
+        launcher.stdout.read(1)  # rank 0 is generating
+        os.killpg(launcher.pid, signal.SIGINT)
+        stderr = launcher.communicate(timeout=LAUNCH_TIMEOUT)[1].decode()
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+    for rank in (0, 1):
+        assert f"Node with rank {rank} exited with code 130" in stderr
