@@ -1,7 +1,7 @@
 """One rank of a test run under mlx.launch (tests/test_distributed.py): it writes what it saw to OUT_DIR/rank<N>.json.
 
 Usage: distributed_rank.py MODEL_DIR MODE OUT_DIR [OPTIONS_JSON]. OPTIONS_JSON may hold kv_bits, max_kv_size
-and rope_scaling (as in one process: see greedy_tokens), temperature (sampled from a random state of each
+rope_scaling and self_extend (as in one process: see greedy_tokens), temperature (sampled from a random state of each
 rank's own), prompt_repeats (a longer prompt), available_memory (the free memory each rank's machine
 reports, by rank) and fail_rank: the rank that raises after loading.
 """
@@ -35,7 +35,8 @@ def main(model_dir: str, mode: str, out_dir: str, options: str = "{}") -> None:
     if "available_memory" in options:  # what this rank's machine says it has free
         generate.available_memory = lambda: options["available_memory"][ranks.rank]
     with peers_lost_as_errors(ranks):
-        model = load_sharded(Path(model_dir), ranks, rope_scaling=options.get("rope_scaling"))
+        model = load_sharded(Path(model_dir), ranks, rope_scaling=options.get("rope_scaling"),
+                             self_extend=options.get("self_extend"))
         loaded_bytes = mx.get_active_memory()
         if options.get("fail_rank") == ranks.rank:
             raise SystemExit(f"rank {ranks.rank} fails on purpose")

@@ -130,11 +130,12 @@ def quantized_moe_dir(tmp_path_factory):
     return dst
 
 
-LEVERS = [  # (checkpoint, mode, ranks, options): the cache kinds, YaRN, quantized weights
+LEVERS = [  # (checkpoint, mode, ranks, options): the cache kinds, YaRN, SelfExtend, quantized weights
     ("quantized", "experts", 3, {"kv_bits": 8}),
     ("quantized", "pipeline", 2, {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
                                                    "original_max_position_embeddings": 8}}),
     ("float", "experts", 2, {"max_kv_size": 12}),
+    ("float", "pipeline", 2, {"self_extend": {"group_size": 2, "window": 4}}),
 ]
 
 
@@ -142,7 +143,7 @@ LEVERS = [  # (checkpoint, mode, ranks, options): the cache kinds, YaRN, quantiz
 def test_split_models_keep_every_lever_of_one_process(moe_dir, quantized_moe_dir, tmp_path, checkpoint, mode, n,
                                                       options):
     model_dir = quantized_moe_dir if checkpoint == "quantized" else moe_dir
-    model, _ = load_model(model_dir, rope_scaling=options.get("rope_scaling"))
+    model, _ = load_model(model_dir, rope_scaling=options.get("rope_scaling"), self_extend=options.get("self_extend"))
     alone = greedy_tokens(model, options.get("kv_bits"), options.get("max_kv_size"))
     result = run_ranks(n, model_dir, mode, tmp_path / "out", json.dumps(options))
     assert result.returncode == 0, result.stderr
