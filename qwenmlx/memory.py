@@ -7,31 +7,15 @@ tensors in the compute dtype (float32 on a CPU, so a bf16 checkpoint takes twice
 packed quantized ones as stored.
 """
 
-import math
 from pathlib import Path
 
 import mlx.core as mx
 
-from .checkpoint import SAFETENSORS_DTYPE_BYTES, compute_dtype, is_dropped, safetensors_header, weight_files
+from .checkpoint import compute_dtype, weights_in_memory
 from .config import read_config
 from .errors import QwenMLXError
 from .generate import available_memory
 from .strategy import Limits, config_limits
-
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-
-
-def weights_in_memory(model_dir: Path, dtype: mx.Dtype) -> int:
-    """Bytes the checkpoint's weights take once loaded to compute in dtype."""
-    config = read_config(model_dir)
-    total = 0
-    for path in weight_files(model_dir):
-        for name, info in safetensors_header(path).items():
-            if name == "__metadata__" or is_dropped(name, config):
-                continue
-            size = dtype.size if info["dtype"] in FLOAT_DTYPES else SAFETENSORS_DTYPE_BYTES[info["dtype"]]
-            total += math.prod(info["shape"]) * size
-    return total
 
 
 def model_limits(model_dir: Path, *, budget: int | None = None, dtype: mx.Dtype | None = None) -> Limits:

@@ -1,0 +1,393 @@
+"""The experts of an MoE layer: all resident, or streamed from the safetensors files under a memory budget.
+
+A decoded token uses top_k of num_experts experts per layer, so under a budget everything but the experts
+stays in memory and each MoE layer keeps a few experts in slots. When the router picks experts that are
+not in a slot, their rows are read from the checkpoint at their byte offsets into slots (evicting the least
+recently or least often used), and the same gather matmul runs over the slot array with the ids remapped
+to slots. Each (token, expert) row is the same dot product either way, so the results are bitwise those of
+the fully loaded model. Prefill (many tokens touch most experts) streams the experts its chunk uses
+through once, in expert order, without disturbing the slots.
+"""
+
+import copy
+import os
+import re
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .config import ModelConfig
+from .errors import QwenMLXError
+from .fusion import concatenate_rows, fuse_gate_up, gate_and_up, swiglu
+from .parallel import NO_CORES
+
+SORTED_PATH_MIN_PAIRS = 64  # from this many (token, expert) pairs, rows are grouped by expert (prefill)
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+POLICIES = ("lru", "lfu")
+MX_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "U32": mx.uint32, "U8": mx.uint8,
+             "I32": mx.int32}
+
+
+class ExpertLinear(nn.Module):
+    """All experts' weights stacked [experts, out, in]; each row of x is multiplied by its chosen experts only."""
+
+    def __init__(self, input_dims: int, output_dims: int, num_experts: int):
+        super().__init__()
+        self.weight = mx.zeros((num_experts, output_dims, input_dims))
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
+        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine") -> "QuantizedExpertLinear":
+        return QuantizedExpertLinear(self.weight, group_size, bits, mode)
+
+
+class QuantizedExpertLinear(nn.Module):
+    """ExpertLinear with quantized weights, read through gather_qmm (mlx-lm's on-disk names)."""
+
+    def __init__(self, weight: mx.array, group_size: int, bits: int, mode: str):
+        super().__init__()
+        self.group_size, self.bits, self.mode = group_size, bits, mode
+        self.weight, self.scales, *biases = mx.quantize(weight, group_size, bits, mode=mode)
+        if biases:
+            self.biases = biases[0]
+        self.freeze()
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
+        return mx.gather_qmm(
+            x, self["weight"], self["scales"], self.get("biases"), rhs_indices=indices, transpose=True,
+            group_size=self.group_size, bits=self.bits, mode=self.mode, sorted_indices=sorted_indices,
+        )
+
+
+class ExpertsSwiGLU(nn.Module):
+    """The experts of one MoE layer: SwiGLU through gather matmuls, tokens sorted by expert for prefill."""
+
+    cores = NO_CORES  # the (token, expert) pairs are split over its streams
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int):
+        super().__init__()
+        self.gate_proj = ExpertLinear(hidden_size, intermediate_size, num_experts)
+        self.up_proj = ExpertLinear(hidden_size, intermediate_size, num_experts)
+        self.down_proj = ExpertLinear(intermediate_size, hidden_size, num_experts)
+
+    @classmethod
+    def holding(cls, projections: dict[str, nn.Module], cores) -> "ExpertsSwiGLU":
+        """Experts computed from these projections (gate_up_proj or gate_proj and up_proj, and down_proj)."""
+        experts = cls.__new__(cls)
+        nn.Module.__init__(experts)
+        for name, layer in projections.items():
+            experts[name] = layer
+        experts.cores = cores
+        return experts
+
+    def fuse(self) -> None:
+        fuse_gate_up(self)
+
+    def __call__(self, x: mx.array, expert_ids: mx.array) -> mx.array:
+        """x: [..., hidden], expert_ids: [..., k] -> [..., k, hidden]."""
+        k = expert_ids.shape[-1]
+        # Many tokens: group rows by expert so each expert's weights are read once, as one large matmul.
+        if expert_ids.size >= SORTED_PATH_MIN_PAIRS:
+            flat_ids = expert_ids.flatten()
+            order = mx.argsort(flat_ids)
+            rows = x.reshape(-1, 1, x.shape[-1])[order // k]
+            ids = flat_ids[order]
+            out = self.cores.blocks(ids.size, lambda a, b: self._swiglu(rows[a:b], ids[a:b], True), axis=0)
+            return out[mx.argsort(order)].reshape(*expert_ids.shape, -1)
+        rows = mx.expand_dims(x, (-2, -3))
+        out = self.cores.blocks(k, lambda a, b: self._swiglu(rows, expert_ids[..., a:b], False), axis=-3)
+        return out.squeeze(-2)
+
+    def _swiglu(self, rows: mx.array, ids: mx.array, sorted_ids: bool) -> mx.array:
+        hidden = swiglu(*gate_and_up(self, lambda layer: layer(rows, ids, sorted_ids)))
+        return self.down_proj(hidden, ids, sorted_ids)
+
+
+def make_experts(c: ModelConfig) -> ExpertsSwiGLU:
+    """The resident experts of one MoE layer (stream_experts swaps in streamed ones after a budgeted load)."""
+    return ExpertsSwiGLU(c.hidden_size, c.moe_intermediate_size, c.num_experts)
+
+
+# --- streamed experts ---
+
+
+def read_pieces(pieces: list, dtype: mx.Dtype) -> mx.array:
+    """Equal-sized tensors (checkpoint.TensorLocation: one expert's part each) read at their offsets and
+    stacked, floating values cast to dtype as a full load casts them."""
+    first = pieces[0]
+    buffer = np.empty((len(pieces), first.nbytes), np.uint8)
+    for row, piece in zip(buffer, pieces):
+        fd = os.open(piece.file, os.O_RDONLY)
+        try:
+            if os.preadv(fd, [row], piece.offset) != piece.nbytes:
+                raise QwenMLXError(f"{piece.file}: truncated while reading an expert's weights")
+        finally:
+            os.close(fd)
+    array = mx.array(buffer).view(MX_DTYPES[first.dtype]).reshape(len(pieces), *first.shape)
+    return array.astype(dtype) if mx.issubdtype(array.dtype, mx.floating) else array
+
+
+@dataclass
+class ExpertFiles:
+    """Where each expert of one MoE layer lies: {projection: {array name: one location per expert}}."""
+
+    locations: dict[str, dict[str, list]]
+    templates: dict[str, nn.Module]  # each projection's layer (its class, bits, mode) without arrays
+    dtype: mx.Dtype
+
+    @property
+    def expert_bytes(self) -> int:
+        """One expert's size in memory (floating parts in the compute dtype)."""
+        return sum(parts[0].bytes_in_memory(self.dtype) for arrays in self.locations.values()
+                   for parts in arrays.values())
+
+    def read(self, experts: list[int]) -> dict[str, nn.Module]:
+        """These experts' projections stacked in this order, gate|up joined as a full load joins them."""
+        layers = {}
+        for proj, arrays in self.locations.items():
+            layer = copy.copy(self.templates[proj])
+            for name, parts in arrays.items():
+                layer[name] = read_pieces([parts[e] for e in experts], self.dtype)
+            layers[proj] = layer
+        fused = concatenate_rows([layers["gate_proj"], layers["up_proj"]])
+        if fused is not None:
+            return {"gate_up_proj": fused, "down_proj": layers["down_proj"]}
+        return layers
+
+
+def expert_files(index: dict, layer: int, experts: ExpertsSwiGLU, num_experts: int, dtype: mx.Dtype) -> ExpertFiles:
+    """The layer's experts in the tensor index: stacked per projection (converted checkpoints: expert e is
+    the e-th of num_experts equal pieces) or one tensor per expert (Hugging Face's layout)."""
+    locations, templates = {}, {}
+    for proj in PROJECTIONS:
+        resident = experts[proj]
+        templates[proj] = copy.copy(resident)
+        arrays = {}
+        for name in ("weight", "scales", "biases"):
+            if resident.get(name) is None:
+                continue
+            del templates[proj][name]
+            stacked = index.get(f"model.layers.{layer}.mlp.switch_mlp.{proj}.{name}")
+            if stacked is not None:
+                arrays[name] = stacked.split(num_experts)
+            else:
+                arrays[name] = [index[f"model.layers.{layer}.mlp.experts.{e}.{proj}.{name}"] for e in range(num_experts)]
+            unreadable = {p.dtype for p in arrays[name]} - set(MX_DTYPES)
+            if unreadable:
+                raise QwenMLXError(f"{arrays[name][0].file}: experts stored as {unreadable.pop()} cannot be streamed; "
+                                   "convert the checkpoint first (`qwenmlx convert`)")
+        locations[proj] = arrays
+    return ExpertFiles(locations, templates, dtype)
+
+
+@dataclass
+class SlotTable:
+    """Which expert each slot holds, and which slot to give up next: the least recently used (lru) or the
+    least often used, the least recent among equals (lfu)."""
+
+    slots: int
+    policy: str = "lru"
+    held: list[int] = field(default_factory=list)  # held[slot]: its expert, -1 while empty
+    last_use: dict[int, int] = field(default_factory=dict)
+    uses: dict[int, int] = field(default_factory=dict)
+    clock: int = 0
+
+    def __post_init__(self):
+        self.held = [-1] * self.slots
+
+    def place(self, experts: list[int]) -> tuple[dict[int, int], list[tuple[int, int]]]:
+        """({expert: slot} for these experts (at most `slots`), [(expert, slot) to read in]) after evicting."""
+        self.clock += 1
+        for e in experts:
+            self.uses[e] = self.uses.get(e, 0) + 1
+            self.last_use[e] = self.clock
+        slot_of = {e: s for s, e in enumerate(self.held) if e in set(experts)}
+        missing = [e for e in experts if e not in slot_of]
+        free = sorted((s for s, e in enumerate(self.held) if e not in slot_of), key=self._keep_score)
+        reads = list(zip(missing, free))
+        for e, s in reads:
+            self.held[s] = e
+            slot_of[e] = s
+        return slot_of, reads
+
+    def _keep_score(self, slot: int) -> tuple[int, ...]:
+        expert = self.held[slot]
+        if expert < 0:
+            return (-1, -1)
+        if self.policy == "lfu":
+            return (self.uses[expert], self.last_use[expert])
+        return (self.last_use[expert],)
+
+
+@dataclass
+class StreamCounts:
+    """What streaming did: expert lookups in decode that found a slot or read the file, and bytes read."""
+
+    hits: int = 0
+    misses: int = 0
+    bytes_read: int = 0
+
+    def add(self, other: "StreamCounts") -> None:
+        self.hits += other.hits
+        self.misses += other.misses
+        self.bytes_read += other.bytes_read
+
+
+class StreamedExperts(nn.Module):
+    """One MoE layer's experts in `slots` slots, read from the checkpoint's files on a miss."""
+
+    cores = NO_CORES
+
+    def __init__(self, files: ExpertFiles, slots: int, policy: str = "lru"):
+        super().__init__()
+        self._files = files
+        self._table = SlotTable(slots, policy)
+        self._slots: dict[str, nn.Module] | None = None  # the slot arrays, made at the first miss
+        self.counts = StreamCounts()
+
+    def fuse(self) -> None:
+        """Read experts come joined already (ExpertFiles.read)."""
+
+    def __call__(self, x: mx.array, expert_ids: mx.array) -> mx.array:
+        wanted = np.array(expert_ids)  # the router's choice decides what to read, so it is evaluated here
+        experts = np.unique(wanted).tolist()
+        if expert_ids.size >= SORTED_PATH_MIN_PAIRS or len(experts) > self._table.slots:
+            # Through once, in expert order: ids ranked keep the order the resident layer sorts rows in.
+            layers = self._files.read(experts)
+            self.counts.bytes_read += len(experts) * self._files.expert_bytes
+            ids = np.searchsorted(np.array(experts), wanted)
+        else:
+            layers, slot_of = self._fill_slots(experts)
+            slot_ids = np.zeros(max(experts) + 1, np.int64)
+            slot_ids[list(slot_of)] = list(slot_of.values())
+            ids = slot_ids[wanted]
+        view = ExpertsSwiGLU.holding(layers, self.cores)
+        return view(x, mx.array(ids.astype(np.uint32)))
+
+    def _fill_slots(self, experts: list[int]) -> tuple[dict[str, nn.Module], dict[int, int]]:
+        """The slot arrays holding these experts (misses read in), and {expert: slot}."""
+        slot_of, reads = self._table.place(experts)
+        self.counts.hits += len(experts) - len(reads)
+        self.counts.misses += len(reads)
+        if reads:
+            self.counts.bytes_read += len(reads) * self._files.expert_bytes
+            read = self._files.read([e for e, _ in reads])
+            if self._slots is None:
+                self._slots = {proj: self._empty_slots(layer) for proj, layer in read.items()}
+            where = mx.array([s for _, s in reads])
+            for proj, layer in read.items():
+                for name in ("weight", "scales", "biases"):
+                    if layer.get(name) is not None:
+                        self._slots[proj][name][where] = layer[name]
+            mx.eval([layer.parameters() for layer in self._slots.values()])
+        return self._slots, slot_of
+
+    def _empty_slots(self, layer: nn.Module) -> nn.Module:
+        empty = copy.copy(layer)
+        for name in ("weight", "scales", "biases"):
+            if layer.get(name) is not None:
+                empty[name] = mx.zeros((self._table.slots, *layer[name].shape[1:]), layer[name].dtype)
+        return empty
+
+
+# --- the budget ---
+
+
+SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+              "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_budget(value: int | str) -> int:
+    """A memory budget in bytes from an int or a size like "10GB", "512MB", "12GiB"."""
+    text = str(value).strip().upper().replace(" ", "")
+    number = text.rstrip("KMGTIB")
+    unit = text[len(number):]
+    try:
+        n_bytes = int(float(number) * SIZE_UNITS[unit])
+    except (KeyError, ValueError):
+        raise QwenMLXError(f"memory budget {value!r}: not a size (examples: 10GB, 512MB, 12GiB)") from None
+    if n_bytes <= 0:
+        raise QwenMLXError(f"memory budget {value!r}: must be more than zero")
+    return n_bytes
+
+
+def _gb(n_bytes: int) -> str:
+    return f"{n_bytes / 1e9:.3g} GB"
+
+
+@dataclass(frozen=True)
+class ExpertBudget:
+    """How a budget for the weights divides: everything but the experts, then one layer's experts (prefill
+    streams them through, read once), then the slots, the same number in every MoE layer."""
+
+    resident_bytes: int
+    expert_bytes: list[int]  # one expert of each MoE layer, in memory
+    num_experts: int
+    top_k: int
+
+    @property
+    def prefill_bytes(self) -> int:
+        return max(self.expert_bytes, default=0) * self.num_experts
+
+    @property
+    def minimum(self) -> int:
+        """With top_k slots per MoE layer: one token's experts."""
+        return self.resident_bytes + self.prefill_bytes + self.top_k * sum(self.expert_bytes)
+
+    def slots(self, budget: int) -> int:
+        """Slots per MoE layer within budget bytes (num_experts: all fit, nothing to stream)."""
+        if budget >= self.resident_bytes + self.num_experts * sum(self.expert_bytes):
+            return self.num_experts
+        if not self.expert_bytes:
+            raise QwenMLXError(f"memory budget {_gb(budget)} is below this model's weights, "
+                               f"{_gb(self.resident_bytes)}, and it has no experts to stream")
+        if budget < self.minimum:
+            raise QwenMLXError(
+                f"memory budget {_gb(budget)} is below this model's minimum of {_gb(self.minimum)} (weights other "
+                f"than experts {_gb(self.resident_bytes)}, one layer's experts for prefill {_gb(self.prefill_bytes)}, "
+                f"{self.top_k} experts per MoE layer {_gb(self.top_k * sum(self.expert_bytes))})")
+        return min(self.num_experts, (budget - self.resident_bytes - self.prefill_bytes) // sum(self.expert_bytes))
+
+
+EXPERT_TENSOR = re.compile(r"model\.layers\.(\d+)\.mlp\.(?:experts\.\d+|switch_mlp)\.")
+
+
+def expert_budget(index: dict, config: ModelConfig, weights_bytes: int, dtype: mx.Dtype) -> ExpertBudget:
+    """The budget's parts from the tensor index: weights_bytes (the whole model in memory) less the experts."""
+    per_layer = {}
+    for name, location in index.items():
+        match = EXPERT_TENSOR.match(name)
+        if match and config.is_moe_layer(int(match[1])):
+            per_layer[int(match[1])] = per_layer.get(int(match[1]), 0) + location.bytes_in_memory(dtype)
+    experts = config.num_experts or 1
+    return ExpertBudget(weights_bytes - sum(per_layer.values()), [b // experts for b in per_layer.values()],
+                        config.num_experts or 0, config.num_experts_per_tok or 0)
+
+
+def stream_experts(model: nn.Module, index: dict, weights_bytes: int, budget: int, dtype: mx.Dtype,
+                   policy: str = "lru") -> tuple[str, ...]:
+    """Give each MoE layer streamed experts whose slots fit `budget` bytes of weights in all (the whole model
+    needs weights_bytes); the weight names they read themselves, as prefixes (none when everything fits)."""
+    if policy not in POLICIES:
+        raise QwenMLXError(f"expert policy {policy!r}: must be one of {', '.join(POLICIES)}")
+    c = model.config
+    slots = expert_budget(index, c, weights_bytes, dtype).slots(budget)
+    if slots >= c.num_experts:
+        return ()
+    moe_layers = [i for i in range(c.num_hidden_layers) if c.is_moe_layer(i)]
+    for i in moe_layers:
+        mlp = model.layers[i].mlp
+        mlp.switch_mlp = StreamedExperts(expert_files(index, i, mlp.switch_mlp, c.num_experts, dtype), slots, policy)
+    return tuple(f"model.layers.{i}.mlp.switch_mlp." for i in moe_layers)
+
+
+def stream_counts(model: nn.Module) -> StreamCounts:
+    """The streamed layers' counts added up (all zero for resident experts)."""
+    total = StreamCounts()
+    for module in model.modules():
+        if isinstance(module, StreamedExperts):
+            total.add(module.counts)
+    return total
