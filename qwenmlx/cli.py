@@ -90,14 +90,17 @@ def default_model_dir():
     return _pull_with_bars(DEFAULT_REPO, None, None).dst
 
 
-def load_weights(model_dir, threads: int | None, memory_check: bool, context: int | None, **levers):
-    """The model's weights, once the memory check (weights + KV cache at `context`) says they fit."""
+def load_weights(model_dir, threads: int | None, memory_check: bool, context: int | None,
+                 memory_budget: str | None = None, **levers):
+    """The model's weights, once the memory check (weights + KV cache at `context`) says they fit;
+    with a memory budget, experts streamed to keep within it."""
     from .checkpoint import load_model
-    from .memory import check_memory
+    from .memory import check_memory, weights_budget
 
+    budget = None if memory_budget is None else weights_budget(model_dir, memory_budget, context, levers.get("kv_bits"))
     if memory_check:
-        check_memory(model_dir, context, **levers)
-    return load_model(model_dir, threads=threads)[0]
+        check_memory(model_dir, context, weights_budget=budget, **levers)
+    return load_model(model_dir, threads=threads, memory_budget=budget)[0]
 
 
 def sampling_options(temp, top_p, top_k, min_p, presence_penalty, repetition_penalty, seed) -> dict:
@@ -118,6 +121,8 @@ MODEL_OPTION = typer.Option(None, "--model", "-m", help="A model directory, a na
                                                        "(default: the pulled Qwen3-30B-A3B, experts-4).")
 MEMORY_CHECK_OPTION = typer.Option(True, "--memory-check/--no-memory-check",
                                    help="Refuse a model whose weights and KV cache do not fit in memory.")
+MEMORY_BUDGET_OPTION = typer.Option(None, "--memory-budget", help="Keep weights and KV cache within this size "
+                                    "(e.g. 10GB): experts are read from disk as the router picks them.")
 TEMP_OPTION = typer.Option(None, "--temp", help="Temperature; 0 is greedy. Default: Qwen's guidance for the mode.")
 TOP_P_OPTION = typer.Option(None, "--top-p")
 TOP_K_OPTION = typer.Option(None, "--top-k")
@@ -153,6 +158,7 @@ def generate(prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt,
              repetition_penalty: float = REPETITION_OPTION, seed: int = SEED_OPTION,
              thinking_budget: int = BUDGET_OPTION, prefill_step: int = PREFILL_OPTION,
              threads: int = THREADS_OPTION, memory_check: bool = MEMORY_CHECK_OPTION,
+             memory_budget: str = MEMORY_BUDGET_OPTION,
              json_output: bool = typer.Option(False, "--json", help="Print JSON with the text, token counts, speeds.")):
     """One answer to one prompt, for scripts: the text on stdout (or JSON)."""
     import json
@@ -166,8 +172,8 @@ def generate(prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt,
     messages = prompt_messages(text, system)
     model_dir, tokenizer = open_model(model)
     tokens = tokenizer.apply_chat_template(messages, enable_thinking=think, tokenize=True)
-    llm = load_weights(model_dir, threads, memory_check, len(tokens) + max_tokens, prompt_tokens=len(tokens),
-                       context_option="--max-tokens")
+    llm = load_weights(model_dir, threads, memory_check, len(tokens) + max_tokens, memory_budget,
+                       prompt_tokens=len(tokens), context_option="--max-tokens")
     sampling = default_sampling(think, tokenizer.generation_config, **options)
     pieces, stats = [], None
     for step in stream_generate(llm, tokenizer, tokens, sampling=sampling, max_tokens=max_tokens,
@@ -198,7 +204,7 @@ def chat(model: str = MODEL_OPTION,
          min_p: float = MIN_P_OPTION, presence_penalty: float = PRESENCE_OPTION,
          repetition_penalty: float = REPETITION_OPTION, seed: int = SEED_OPTION,
          thinking_budget: int = BUDGET_OPTION, prefill_step: int = PREFILL_OPTION, threads: int = THREADS_OPTION,
-         memory_check: bool = MEMORY_CHECK_OPTION):
+         memory_check: bool = MEMORY_CHECK_OPTION, memory_budget: str = MEMORY_BUDGET_OPTION):
     """Chat in the terminal, with thinking, prompt reuse across turns and /commands (/help)."""
     from .chat import ChatSession
     from .chat_terminal import ChatTerminal
@@ -209,7 +215,7 @@ def chat(model: str = MODEL_OPTION,
     check_threads(threads)
     model_dir, tokenizer = open_model(model)
     with console.status(f"loading {model_dir}"):
-        llm = load_weights(model_dir, threads, memory_check, max_kv_size, kv_bits=kv_bits,
+        llm = load_weights(model_dir, threads, memory_check, max_kv_size, memory_budget, kv_bits=kv_bits,
                            context_option="--max-kv-size", kv_bits_option=True)
     session = ChatSession(llm, tokenizer, system=system, thinking=think, max_kv_size=max_kv_size, kv_bits=kv_bits,
                           max_tokens=max_tokens, thinking_budget=thinking_budget, prefill_step=prefill_step, **options)
@@ -233,7 +239,7 @@ def serve(model: str = MODEL_OPTION,
           max_tokens: int = typer.Option(None, "--max-tokens", help="Longest answer (default: up to the context)."),
           max_queue: int = typer.Option(16, "--max-queue", help="Requests that may wait; past that, 503."),
           prefill_step: int = PREFILL_OPTION, threads: int = THREADS_OPTION,
-          memory_check: bool = MEMORY_CHECK_OPTION):
+          memory_check: bool = MEMORY_CHECK_OPTION, memory_budget: str = MEMORY_BUDGET_OPTION):
     """An OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models) for editors, agents, UIs."""
     import logging
     import os
@@ -249,7 +255,7 @@ def serve(model: str = MODEL_OPTION,
     model_dir, tokenizer = open_model(model)
 
     def load() -> LoadedModel:  # on the generation thread: MLX's streams belong to the thread that made them
-        llm = load_weights(model_dir, threads, memory_check, max_kv_size, kv_bits=kv_bits,
+        llm = load_weights(model_dir, threads, memory_check, max_kv_size, memory_budget, kv_bits=kv_bits,
                            context_option="--max-kv-size", kv_bits_option=True)
         return LoadedModel(llm, tokenizer, llm.fingerprint)
 
@@ -662,6 +668,7 @@ def summarize(
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead; no progress bars."),
     threads: int = THREADS_OPTION,
     memory_check: bool = MEMORY_CHECK_OPTION,
+    memory_budget: str = MEMORY_BUDGET_OPTION,
 ):
     """Summarise a file of any length: in one pass, with YaRN when needed, or in parts (map-reduce)."""
     import json
@@ -687,7 +694,7 @@ def summarize(
     model_dir, tokenizer = open_model(model)
     with stderr.status(f"loading {model_dir}", spinner="dots") if not json_output else nullcontext():
         # At least the answer must fit; the strategy then fits the document into what is left, in parts if need be.
-        llm = load_weights(model_dir, threads, memory_check, max_tokens * (2 if think else 1),
+        llm = load_weights(model_dir, threads, memory_check, max_tokens * (2 if think else 1), memory_budget,
                            context_option="--max-tokens")
     progress = None if json_output else SummaryBars()
     try:

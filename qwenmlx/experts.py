@@ -374,8 +374,9 @@ def stream_experts(model: nn.Module, index: dict, weights_bytes: int, budget: in
     if policy not in POLICIES:
         raise QwenMLXError(f"expert policy {policy!r}: must be one of {', '.join(POLICIES)}")
     c = model.config
-    slots = expert_budget(index, c, weights_bytes, dtype).slots(budget)
-    if slots >= c.num_experts:
+    plan = expert_budget(index, c, weights_bytes, dtype)
+    slots = plan.slots(budget)
+    if slots >= plan.num_experts:
         return ()
     moe_layers = [i for i in range(c.num_hidden_layers) if c.is_moe_layer(i)]
     for i in moe_layers:

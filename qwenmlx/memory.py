@@ -7,13 +7,15 @@ tensors in the compute dtype (float32 on a CPU, so a bf16 checkpoint takes twice
 packed quantized ones as stored.
 """
 
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
 
-from .checkpoint import compute_dtype, weights_in_memory
+from .checkpoint import compute_dtype, memory_budget_parts, weights_in_memory
 from .config import read_config
 from .errors import QwenMLXError
+from .experts import parse_budget
 from .generate import available_memory
 from .strategy import Limits, config_limits
 
@@ -26,13 +28,17 @@ def model_limits(model_dir: Path, *, budget: int | None = None, dtype: mx.Dtype 
 
 
 def check_memory(model_dir: Path, context: int | None = None, *, kv_bits: int | None = None, prompt_tokens: int = 0,
-                 context_option: str | None = None, kv_bits_option: bool = False, budget: int | None = None) -> None:
+                 context_option: str | None = None, kv_bits_option: bool = False, budget: int | None = None,
+                 weights_budget: int | None = None) -> None:
     """Refuse, in one line saying by how much and what would fit, a model whose weights and KV cache do not fit.
 
     context: the tokens the command may hold (default: the model's whole window); context_option and
-    kv_bits_option: the command's flags that shrink the cache, offered when they make it fit.
+    kv_bits_option: the command's flags that shrink the cache, offered when they make it fit; weights_budget:
+    what --memory-budget leaves the weights (see weights_budget).
     """
     limits = model_limits(model_dir, budget=budget)
+    if weights_budget is not None:
+        limits = replace(limits, weights_bytes=min(limits.weights_bytes, weights_budget))
     context = context or read_config(model_dir).max_position_embeddings
     needed = limits.memory_needed(context, kv_bits)
     if needed <= limits.memory_budget:
@@ -47,10 +53,38 @@ def check_memory(model_dir: Path, context: int | None = None, *, kv_bits: int | 
     if kv_bits_option and kv_bits is None and limits.kv_group_size and \
             limits.memory_needed(context, 8) <= limits.memory_budget:
         fits.append("--kv-bits 8")
+    parts, streamed = memory_budget_parts(model_dir), _round_down(limits.memory_budget)
+    if weights_budget is None and parts.expert_bytes and parts.minimum + kv <= streamed:
+        fits.append(f"--memory-budget {_size_option(streamed)} (experts streamed from disk)")
     if limits.context_fitting(kv_bits) == 0:
         fits.append("a smaller recipe (`qwenmlx convert --plan` gives each one's memory) or a smaller model")
     advice = f"; it would fit with {' or '.join(fits)}" if fits else ""
     raise QwenMLXError(f"{problem}{advice}; --no-memory-check loads it anyway")
+
+
+def weights_budget(model_dir: Path, memory_budget: int | str, context: int | None = None,
+                   kv_bits: int | None = None) -> int:
+    """What a memory budget (bytes or "10GB") leaves the weights once the KV cache for `context` tokens
+    (default: the whole window) is set aside; one that cannot hold the model's minimum is refused naming it."""
+    total = parse_budget(memory_budget)
+    context = context or read_config(model_dir).max_position_embeddings
+    kv = model_limits(model_dir).kv_cache_bytes(context, kv_bits)
+    minimum = memory_budget_parts(model_dir).minimum
+    if total - kv < minimum:
+        raise QwenMLXError(f"memory budget {_gb(total)} is below the {_gb(minimum + kv)} {model_dir.name} needs at "
+                           f"least: its weights' minimum {_gb(minimum)} + KV cache {_gb(kv)} for {context:,} tokens")
+    return total - kv
+
+
+def _round_down(n_bytes: int) -> int:
+    """To 0.1 GB, or below 1 GB to 1 MB."""
+    unit = 10**8 if n_bytes >= 10**9 else 10**6
+    return n_bytes // unit * unit
+
+
+def _size_option(n_bytes: int) -> str:
+    """A size as --memory-budget takes it: 9.8GB, 750MB."""
+    return f"{n_bytes / 10**9:g}GB" if n_bytes >= 10**9 else f"{n_bytes // 10**6}MB"
 
 
 def _gb(n_bytes: int) -> str:

@@ -185,6 +185,12 @@ ROWS = [
     Row("pull-unknown-dtype", ("pull", "Qwen/Qwen3-30B-A3B", "{tmp}/out", "--dtype", "int8"), "--dtype"),
     Row("rm-a-path-out-of-the-models-dir", ("rm", "../x"), "not a model name"),
     Row("convert-repo-id-with-check", ("convert", "Qwen/Qwen3-30B-A3B", "{tmp}/out", "--check"), "--check"),
+    # --- memory budget: experts streamed from disk ---
+    Row("memory-budget-not-a-size", (*GENERATE, "--memory-budget", "ten"), "memory budget 'ten': not a size"),
+    Row("memory-budget-zero", ("chat", "-m", "{model}", "--memory-budget", "0"), "must be more than zero"),
+    Row("memory-budget-below-the-minimum", (*GENERATE, "--memory-budget", "1MB"), "needs at least"),
+    Row("memory-budget-below-the-minimum-in-summarize", (*SUMMARIZE, "--memory-budget", "1MB"),
+        "needs at least", files=SHORT_DOCUMENT),
 ]
 
 

@@ -1,17 +1,28 @@
 """Experts streamed from disk under a memory budget compute exactly what the fully loaded model computes."""
 
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from quantize import get_recipe
 from qwenmlx.cache import make_cache
 from qwenmlx.checkpoint import load_model, memory_budget_parts
+from qwenmlx.cli import app
 from qwenmlx.convert import convert
 from qwenmlx.errors import QwenMLXError
 from qwenmlx.experts import StreamedExperts, parse_budget, stream_counts
 from qwenmlx.generate import generate_tokens
+from qwenmlx.memory import check_memory, model_limits, weights_budget, weights_in_memory
+from tests.checkpoints import TINY_MOE, write_hf_checkpoint
+from tests.errors import one_line_error
 
 GROUP_SIZE = 32  # the tiny experts' down_proj has 32 inputs
 PROMPT = np.random.default_rng(0).integers(0, 1000, 40).tolist()  # 40 tokens x 2 experts: the sorted prefill path
@@ -36,6 +47,14 @@ def checkpoint(checkpoint_dir, tmp_path_factory):
         return made[variant, recipe]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def big_experts(tmp_path_factory):
+    """A MoE checkpoint whose experts are nearly all of its 400 MB in float32 (200 MB of bf16 on disk)."""
+    config = dict(TINY_MOE, vocab_size=1024, hidden_size=256, moe_intermediate_size=512, num_experts=64,
+                  num_hidden_layers=4)
+    return write_hf_checkpoint(tmp_path_factory.mktemp("big-experts"), config, dtype=torch.bfloat16)
 
 
 def budget_for(model_dir, slots: int) -> int:
@@ -100,3 +119,60 @@ def test_budget_sizes_parse(text, n_bytes):
 def test_budget_that_is_not_a_size_is_refused(text):
     with pytest.raises(QwenMLXError, match="memory budget"):
         parse_budget(text)
+
+
+def test_a_budget_sets_the_kv_cache_aside_before_the_weights(moe_dir):
+    kv = model_limits(moe_dir).kv_cache_bytes(1000)
+    minimum = memory_budget_parts(moe_dir).minimum
+    assert weights_budget(moe_dir, minimum + kv, 1000) == minimum
+    with pytest.raises(QwenMLXError, match=f"needs at least: its weights' minimum {minimum / 1e9:.3g} GB"):
+        weights_budget(moe_dir, minimum + kv - 1, 1000)
+
+
+def test_the_memory_check_suggests_a_budget_that_fits(big_experts):
+    parts, kv = memory_budget_parts(big_experts), model_limits(big_experts).kv_cache_bytes(256)
+    available = (parts.minimum + weights_in_memory(big_experts, mx.float32)) // 2 + kv  # fits only when streamed
+    message = one_line_error(lambda: check_memory(big_experts, 256, budget=available))
+    suggested = re.search(r"--memory-budget (\S+) \(experts streamed from disk\)", message)[1]
+    check_memory(big_experts, 256, budget=available, weights_budget=weights_budget(big_experts, suggested, 256))
+
+
+def test_generate_with_a_memory_budget_says_what_it_says_without(moe_dir):
+    argv = ["generate", "-m", str(moe_dir), "-p", "Name three colours.", "--temp", "0", "--max-tokens", "12"]
+    minimum = memory_budget_parts(moe_dir).minimum
+    loaded = CliRunner().invoke(app, argv)
+    streamed = CliRunner().invoke(app, [*argv, "--memory-budget", f"{(minimum + 10**6) // 1000}KB"])
+    assert loaded.exit_code == streamed.exit_code == 0, streamed.output
+    assert streamed.stdout == loaded.stdout
+
+
+PEAK_RSS_CHILD = """
+import json, re, sys
+from pathlib import Path
+from qwenmlx.checkpoint import load_model
+from qwenmlx.generate import generate_tokens
+
+def peak_rss():  # this process's own high-water mark (ru_maxrss would carry the parent's over exec)
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text())[1]) * 1024
+
+before = peak_rss()
+model, _ = load_model(sys.argv[1], memory_budget=int(sys.argv[2]) if sys.argv[2] != "none" else None)
+tokens = [t for t, _ in generate_tokens(model, list(range(1, 41)), max_tokens=16)]
+print(json.dumps({"imports": before, "peak": peak_rss()}))
+"""
+RSS_OVERHEAD = 32 * 10**6  # past the budget: the KV cache, read buffers, MLX's allocator
+
+
+def peak_rss_in_a_child(model_dir, budget: int | None) -> int:
+    """The peak RSS of loading the model and generating 16 tokens after a 40-token prompt, less the imports'."""
+    run = subprocess.run([sys.executable, "-c", PEAK_RSS_CHILD, str(model_dir), str(budget or "none")],
+                         capture_output=True, text=True, check=True)
+    figures = json.loads(run.stdout)
+    return figures["peak"] - figures["imports"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the peak RSS from Linux's /proc")
+def test_a_budgeted_process_stays_within_its_budget_and_an_unbudgeted_one_does_not(big_experts):
+    budget = memory_budget_parts(big_experts).minimum + 30 * 10**6
+    assert peak_rss_in_a_child(big_experts, budget) <= budget + RSS_OVERHEAD
+    assert peak_rss_in_a_child(big_experts, None) > budget + RSS_OVERHEAD
