@@ -262,9 +262,9 @@ def compute_dtype() -> mx.Dtype:
     return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
 
 
-def memory_budget_parts(model_dir: Path, dtype: mx.Dtype | None = None) -> ExpertBudget:
+def memory_budget_parts(model_dir: str | Path, dtype: mx.Dtype | None = None) -> ExpertBudget:
     """How a memory budget for this checkpoint's weights divides (its minimum, the slots a budget gives)."""
-    dtype = dtype or compute_dtype()
+    model_dir, dtype = Path(model_dir), dtype or compute_dtype()
     return expert_budget(tensor_index(model_dir), read_config(model_dir), weights_in_memory(model_dir, dtype), dtype)
 
 
@@ -293,12 +293,14 @@ def load_model(
     threads: int | None = None,
     memory_budget: int | None = None,
     expert_policy: str = "lru",
+    read_ahead: bool = True,
 ) -> tuple[Model, Path]:
     """Build the model its config.json describes and fill it from the checkpoint's safetensors.
 
     threads: CPU cores the large matmuls are split over (default: all; ignored on a GPU).
     memory_budget: bytes the weights may take; when they need more, the experts are streamed from the
-    files through slots that fit it (experts.py), evicting by expert_policy (lru or lfu).
+    files through slots that fit it (experts.py), evicting by expert_policy (lru or lfu), and reading the
+    next layer's likely experts ahead unless read_ahead is False.
     """
     model_dir = resolve_model_dir(path_or_hub_id)
     config = read_config(model_dir)
@@ -313,7 +315,7 @@ def load_model(
     dtype = dtype or compute_dtype()
     if memory_budget is not None:
         streamed = stream_experts(model, tensor_index(model_dir), weights_in_memory(model_dir, dtype),
-                                  memory_budget, dtype, expert_policy)
+                                  memory_budget, dtype, expert_policy, read_ahead)
         weights = {k: v for k, v in weights.items() if not k.startswith(streamed)}
     weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)

@@ -739,6 +739,8 @@ def bench(
                                help="JSON file of the results (replaces only an earlier one)."),
     markdown: bool = typer.Option(False, "--markdown", help="Draw the tables as Markdown (for the README)."),
     json_output: bool = typer.Option(False, "--json", help="Print JSON instead of tables; no progress bar."),
+    memory_budget: bool = typer.Option(False, "--memory-budget", help="Instead: qwenmlx alone with its experts "
+                                       "streamed, at budgets of 100/75/50/35% of the weights (first of --bits)."),
 ):
     """Benchmark qwenmlx against mlx-lm on synthetic real-shape checkpoints: speed, memory, kernels, conversion."""
     import json
@@ -747,6 +749,7 @@ def bench(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .bench import QUICK, BenchOptions, check_results_file, result_tables, run_bench
+    from .bench_budget import budget_tables, run_budget_bench
     from .destinations import resolve, write_text_atomically
 
     def numbers(text: str, option: str) -> tuple[int, ...]:
@@ -779,8 +782,9 @@ def bench(
         progress.start()  # after run_bench's checks: a refused option or path is one error line, no bar
         progress.update(task, description=label, completed=done, total=total)
 
+    run, tables = (run_budget_bench, budget_tables) if memory_budget else (run_bench, result_tables)
     try:
-        result = run_bench(options, on_step)
+        result = run(options, on_step)
     finally:
         progress.stop()
     write_text_atomically(results_file, json.dumps(result, indent=2))
@@ -788,6 +792,6 @@ def bench(
         print(json.dumps(result, indent=2))
         return
     out = Console(width=1000) if markdown else console  # Markdown rows must not wrap
-    for table in result_tables(result, markdown):
+    for table in tables(result, markdown):
         out.print(table)
     console.print(f"JSON: {output}")

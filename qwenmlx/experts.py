@@ -12,6 +12,7 @@ through once, in expert order, without disturbing the slots.
 import copy
 import os
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -114,11 +115,10 @@ def make_experts(c: ModelConfig) -> ExpertsSwiGLU:
 # --- streamed experts ---
 
 
-def read_pieces(pieces: list, dtype: mx.Dtype) -> mx.array:
-    """Equal-sized tensors (checkpoint.TensorLocation: one expert's part each) read at their offsets and
-    stacked, floating values cast to dtype as a full load casts them."""
-    first = pieces[0]
-    buffer = np.empty((len(pieces), first.nbytes), np.uint8)
+def read_pieces(pieces: list) -> np.ndarray:
+    """Equal-sized byte ranges (checkpoint.TensorLocation: one expert's part each) read at their offsets,
+    one row each (pread releases the GIL, so a reader thread reads while MLX computes)."""
+    buffer = np.empty((len(pieces), pieces[0].nbytes), np.uint8)
     for row, piece in zip(buffer, pieces):
         fd = os.open(piece.file, os.O_RDONLY)
         try:
@@ -126,8 +126,7 @@ def read_pieces(pieces: list, dtype: mx.Dtype) -> mx.array:
                 raise QwenMLXError(f"{piece.file}: truncated while reading an expert's weights")
         finally:
             os.close(fd)
-    array = mx.array(buffer).view(MX_DTYPES[first.dtype]).reshape(len(pieces), *first.shape)
-    return array.astype(dtype) if mx.issubdtype(array.dtype, mx.floating) else array
+    return buffer
 
 
 @dataclass
@@ -146,12 +145,20 @@ class ExpertFiles:
 
     def read(self, experts: list[int]) -> dict[str, nn.Module]:
         """These experts' projections stacked in this order, gate|up joined as a full load joins them."""
-        layers = {}
-        for proj, arrays in self.locations.items():
-            layer = copy.copy(self.templates[proj])
-            for name, parts in arrays.items():
-                layer[name] = read_pieces([parts[e] for e in experts], self.dtype)
-            layers[proj] = layer
+        return self.layers(self.read_bytes(experts))
+
+    def read_bytes(self, experts: list[int]) -> dict[tuple[str, str], np.ndarray]:
+        """{(projection, array name): the experts' bytes, a row each}."""
+        return {(proj, name): read_pieces([parts[e] for e in experts])
+                for proj, arrays in self.locations.items() for name, parts in arrays.items()}
+
+    def layers(self, raw: dict[tuple[str, str], np.ndarray]) -> dict[str, nn.Module]:
+        """Read bytes as projections, floating values cast to the compute dtype as a full load casts them."""
+        layers = {proj: copy.copy(template) for proj, template in self.templates.items()}
+        for (proj, name), rows in raw.items():
+            piece = self.locations[proj][name][0]
+            array = mx.array(rows).view(MX_DTYPES[piece.dtype]).reshape(len(rows), *piece.shape)
+            layers[proj][name] = array.astype(self.dtype) if mx.issubdtype(array.dtype, mx.floating) else array
         fused = concatenate_rows([layers["gate_proj"], layers["up_proj"]])
         if fused is not None:
             return {"gate_up_proj": fused, "down_proj": layers["down_proj"]}
@@ -224,20 +231,27 @@ class SlotTable:
 
 @dataclass
 class StreamCounts:
-    """What streaming did: expert lookups in decode that found a slot or read the file, and bytes read."""
+    """What streaming did: expert lookups in decode that found a slot or read the file (misses), and bytes
+    read; of the misses, those read ahead, and the experts read ahead that were not used."""
 
     hits: int = 0
     misses: int = 0
     bytes_read: int = 0
+    read_ahead_used: int = 0
+    read_ahead_unused: int = 0
 
     def add(self, other: "StreamCounts") -> None:
-        self.hits += other.hits
-        self.misses += other.misses
-        self.bytes_read += other.bytes_read
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 class StreamedExperts(nn.Module):
-    """One MoE layer's experts in `slots` slots, read from the checkpoint's files on a miss."""
+    """One MoE layer's experts in `slots` slots, read from the checkpoint's files on a miss.
+
+    With read_ahead_for (the next MoE layer's router and experts), each decode step also guesses the next
+    layer's experts by applying its router to this layer's input, and a reader thread reads the guessed
+    misses while this layer computes.
+    """
 
     cores = NO_CORES
 
@@ -246,7 +260,12 @@ class StreamedExperts(nn.Module):
         self._files = files
         self._table = SlotTable(slots, policy)
         self._slots: dict[str, nn.Module] | None = None  # the slot arrays, made at the first miss
+        self._next: tuple | None = None  # (router block, StreamedExperts, reader) of the next MoE layer
+        self._ahead: dict[int, Future] = {}  # experts being read ahead: their bytes
         self.counts = StreamCounts()
+
+    def read_ahead_for(self, router: nn.Module, experts: "StreamedExperts", reader: ThreadPoolExecutor) -> None:
+        self._next = (router, experts, reader)
 
     def fuse(self) -> None:
         """Read experts come joined already (ExpertFiles.read)."""
@@ -264,25 +283,47 @@ class StreamedExperts(nn.Module):
             slot_ids = np.zeros(max(experts) + 1, np.int64)
             slot_ids[list(slot_of)] = list(slot_of.values())
             ids = slot_ids[wanted]
+            if self._next is not None:
+                router, following, reader = self._next
+                following.read_ahead(np.unique(np.array(router.route(x)[1])).tolist(), reader)
         view = ExpertsSwiGLU.holding(layers, self.cores)
         return view(x, mx.array(ids.astype(np.uint32)))
 
+    def read_ahead(self, experts: list[int], reader: ThreadPoolExecutor) -> None:
+        """Start reading these experts' bytes, those not in a slot, on the reader thread."""
+        held = set(self._table.held)
+        for e in experts[: self._table.slots]:
+            if e not in held and e not in self._ahead:
+                self._ahead[e] = reader.submit(self._files.read_bytes, [e])
+
     def _fill_slots(self, experts: list[int]) -> tuple[dict[str, nn.Module], dict[int, int]]:
-        """The slot arrays holding these experts (misses read in), and {expert: slot}."""
+        """The slot arrays holding these experts (misses read in, or taken from what was read ahead)."""
         slot_of, reads = self._table.place(experts)
         self.counts.hits += len(experts) - len(reads)
         self.counts.misses += len(reads)
+        ahead, self._ahead = self._ahead, {}
         if reads:
             self.counts.bytes_read += len(reads) * self._files.expert_bytes
-            read = self._files.read([e for e, _ in reads])
+            read = []
+            for e, _ in reads:
+                if e in ahead:
+                    read.append(ahead.pop(e).result())
+                    self.counts.read_ahead_used += 1
+                else:
+                    read.append(self._files.read_bytes([e]))
+            layers = self._files.layers({key: np.concatenate([r[key] for r in read]) for key in read[0]})
             if self._slots is None:
-                self._slots = {proj: self._empty_slots(layer) for proj, layer in read.items()}
+                self._slots = {proj: self._empty_slots(layer) for proj, layer in layers.items()}
             where = mx.array([s for _, s in reads])
-            for proj, layer in read.items():
+            for proj, layer in layers.items():
                 for name in ("weight", "scales", "biases"):
                     if layer.get(name) is not None:
                         self._slots[proj][name][where] = layer[name]
             mx.eval([layer.parameters() for layer in self._slots.values()])
+        for guess in ahead.values():  # guessed wrong: dropped, read or not
+            if not guess.cancel():
+                self.counts.read_ahead_unused += 1
+                self.counts.bytes_read += self._files.expert_bytes
         return self._slots, slot_of
 
     def _empty_slots(self, layer: nn.Module) -> nn.Module:
@@ -368,9 +409,10 @@ def expert_budget(index: dict, config: ModelConfig, weights_bytes: int, dtype: m
 
 
 def stream_experts(model: nn.Module, index: dict, weights_bytes: int, budget: int, dtype: mx.Dtype,
-                   policy: str = "lru") -> tuple[str, ...]:
+                   policy: str = "lru", read_ahead: bool = True) -> tuple[str, ...]:
     """Give each MoE layer streamed experts whose slots fit `budget` bytes of weights in all (the whole model
-    needs weights_bytes); the weight names they read themselves, as prefixes (none when everything fits)."""
+    needs weights_bytes), reading the next layer's guessed experts ahead unless told not to; the weight names
+    they read themselves, as prefixes (none when everything fits)."""
     if policy not in POLICIES:
         raise QwenMLXError(f"expert policy {policy!r}: must be one of {', '.join(POLICIES)}")
     c = model.config
@@ -382,6 +424,10 @@ def stream_experts(model: nn.Module, index: dict, weights_bytes: int, budget: in
     for i in moe_layers:
         mlp = model.layers[i].mlp
         mlp.switch_mlp = StreamedExperts(expert_files(index, i, mlp.switch_mlp, c.num_experts, dtype), slots, policy)
+    if read_ahead:
+        reader = ThreadPoolExecutor(1, thread_name_prefix="qwenmlx-expert-reader")
+        for i, j in zip(moe_layers, moe_layers[1:]):
+            model.layers[i].mlp.switch_mlp.read_ahead_for(model.layers[j].mlp, model.layers[j].mlp.switch_mlp, reader)
     return tuple(f"model.layers.{i}.mlp.switch_mlp." for i in moe_layers)
 
 

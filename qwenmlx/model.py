@@ -96,10 +96,14 @@ class SparseMoeBlock(nn.Module):
         self.gate = nn.Linear(c.hidden_size, c.num_experts, bias=False)
         self.switch_mlp = make_experts(c)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def route(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """(router logits, the top-k experts' ids) for x."""
         logits = self.gate(x)
         # Softmax is monotonic, so the top-k of the logits are the top-k of the probabilities.
-        expert_ids = mx.argpartition(logits, kth=-self.top_k, axis=-1)[..., -self.top_k :]
+        return logits, mx.argpartition(logits, kth=-self.top_k, axis=-1)[..., -self.top_k :]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        logits, expert_ids = self.route(x)
         top_logits = mx.take_along_axis(logits, expert_ids, axis=-1)
         if self.norm_topk_prob:
             # The full softmax renormalised over the chosen k is the softmax of the chosen logits

@@ -10,6 +10,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from qwenmlx.bench import REAL_CONFIG, BenchOptions, decode_step_kernels, result_tables, run_bench
+from qwenmlx.bench_budget import budget_tables, run_budget_bench
 from qwenmlx.cli import app
 from qwenmlx.config import config_from_dict
 from qwenmlx.parallel import cpu_threads
@@ -99,3 +100,24 @@ def test_bad_options_are_one_line_errors(args, message, tmp_path):
     result = CliRunner().invoke(app, ["bench", *args, "--workdir", str(tmp_path), "-o", str(tmp_path / "b.json")])
     assert result.exit_code == 1
     assert message in result.output and len(result.output.strip().splitlines()) <= 2
+
+
+def test_memory_budget_bench_reports_each_budget_on_both_routings(tmp_path):
+    config = tmp_path / "config.json"  # experts are most of the weights, so even 35% holds the minimum
+    config.write_text(json.dumps({**tiny_raw(8), "num_experts": 32, "moe_intermediate_size": 128}))
+    options = BenchOptions(layers=8, prompt_tokens=8, decode_tokens=4, bits=(4,), config=config,
+                           workdir=tmp_path / "work")
+    result = run_budget_bench(options)
+    runs = result["memory_budget"]["runs"]
+    assert [(r["share"], r["routing"], r["policy"], r["read_ahead"]) for r in runs] == [
+        *((s, routing, "lru", True) for s in (1.0, 0.75, 0.5, 0.35) for routing in ("uniform", "zipf")),
+        *((0.5, routing, policy, ahead) for routing in ("uniform", "zipf")
+          for policy, ahead in (("lfu", True), ("lru", False)))]
+    for r in runs:
+        assert r["decode_tps"] > 0 and r["peak_rss_gb"] > 0 and 0 <= r["hit_rate"] <= 1
+        if r["budget"] is None:  # everything resident: nothing is read
+            assert r["hit_rate"] == 1 and r["mb_read_per_token"] == 0
+    console = Console(width=300, record=True)
+    for table in budget_tables(result, markdown=True):
+        console.print(table)
+    assert "| zipf " in console.export_text()

@@ -70,15 +70,16 @@ CACHE_KINDS = {"full": {}, "rotating": {"max_kv_size": 24}, "kv-bits-8": {"kv_bi
 
 
 @pytest.mark.parametrize("threads", [1, None], ids=["one-core", "cpu-split"])
-@pytest.mark.parametrize("recipe, policy", [(None, "lru"), ("bf16", "lru"), ("q4", "lru"), ("q6", "lru"),
-                                            ("q8", "lru"), ("mxfp4", "lru"), (None, "lfu"), ("q4", "lfu")])
+@pytest.mark.parametrize("recipe, policy, read_ahead", [
+    (None, "lru", True), ("bf16", "lru", True), ("q4", "lru", True), ("q6", "lru", True), ("q8", "lru", True),
+    ("mxfp4", "lru", True), (None, "lfu", True), ("q4", "lfu", True), (None, "lru", False), ("q4", "lfu", False)])
 @pytest.mark.parametrize("variant", ["moe", "moe-mha-mlp-only-layers"])
 def test_streamed_experts_give_bitwise_the_logits_and_greedy_tokens_of_the_loaded_model(
-        checkpoint, variant, recipe, policy, threads):
+        checkpoint, variant, recipe, policy, read_ahead, threads):
     model_dir = checkpoint(variant, recipe)
     loaded, _ = load_model(model_dir, threads=threads)
     streamed, _ = load_model(model_dir, threads=threads, memory_budget=budget_for(model_dir, SLOTS),
-                             expert_policy=policy)
+                             expert_policy=policy, read_ahead=read_ahead)
     assert any(isinstance(layer.mlp.switch_mlp, StreamedExperts) for layer in streamed.layers)
     tokens = mx.array(PROMPT)[None]
     for length in (1, 5, len(PROMPT)):  # decode-sized (slots) and prefill-sized (expert order) calls
@@ -87,6 +88,21 @@ def test_streamed_experts_give_bitwise_the_logits_and_greedy_tokens_of_the_loade
         assert greedy(loaded, kind) == greedy(streamed, kind)
     counts = stream_counts(streamed)
     assert counts.misses > 0 and counts.hits > 0  # decode both found experts in slots and read others
+
+
+def test_reading_ahead_changes_neither_the_tokens_nor_what_the_slots_hold(moe_dir):
+    runs = {}
+    for read_ahead in (False, True):
+        model, _ = load_model(moe_dir, memory_budget=budget_for(moe_dir, SLOTS), read_ahead=read_ahead)
+        runs[read_ahead] = greedy(model, {}), stream_counts(model)
+    (tokens, plain), (tokens_ahead, ahead) = runs[False], runs[True]
+    assert tokens_ahead == tokens
+    assert (ahead.hits, ahead.misses) == (plain.hits, plain.misses)
+    assert plain.read_ahead_used == plain.read_ahead_unused == 0
+    assert ahead.read_ahead_used <= ahead.misses
+    # What it read ahead and did not use is read in vain; what it used was a miss read anyway.
+    one_expert = memory_budget_parts(moe_dir).expert_bytes[0]
+    assert ahead.bytes_read == plain.bytes_read + ahead.read_ahead_unused * one_expert
 
 
 def test_budget_below_the_minimum_is_one_line_naming_the_minimum(moe_dir):

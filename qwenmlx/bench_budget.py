@@ -1,0 +1,138 @@
+"""`qwenmlx bench --memory-budget`: decoding with the experts streamed from disk, at budgets below the weights.
+
+Each run loads the synthetic experts-N checkpoint (bench.py writes it) in a child process of its own with a
+budget of a share of its weights, prefills a prompt and decodes, and reports decode speed, how often the
+router's experts were already in a slot, the megabytes read from disk per token and the peak RSS.
+
+Random weights route almost uniformly, the worst case for a cache, so every budget also runs with a router
+bias that skews the choice like real traffic: a Zipf law over each layer's experts (exponent ZIPF_EXPONENT,
+a random order per layer). That is an assumed skew, labelled as such, not a published measurement.
+At one budget the eviction policies and reading ahead are compared on both routings.
+"""
+
+import os
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from .bench import BenchOptions, bench_config, machine, prompt_ids, run_child, synthetic_checkpoints, vm_hwm_gb
+from .errors import QwenMLXError
+
+BUDGET_SHARES = (1.0, 0.75, 0.5, 0.35)  # of the weights in memory
+POLICY_SHARE = 0.5  # where LRU, LFU and reading ahead are compared
+ROUTINGS = ("uniform", "zipf")
+ZIPF_EXPONENT = 1.0
+
+
+def zipf_bias(num_experts: int, rng: np.random.Generator) -> np.ndarray:
+    """log p for p ∝ 1/rank^ZIPF_EXPONENT, experts ranked in a random order: added to the router's logits."""
+    ranks = rng.permutation(num_experts) + 1
+    return -ZIPF_EXPONENT * np.log(ranks)
+
+
+def skew_routing(model) -> None:
+    """Add a Zipf bias (its own expert order per layer) to every MoE layer's router logits."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    class BiasedRouter(nn.Module):
+        def __init__(self, router: nn.Module, bias: np.ndarray):
+            super().__init__()
+            self.router, self.bias = router, mx.array(bias, dtype=mx.float32)
+
+        def __call__(self, x: mx.array) -> mx.array:
+            return self.router(x) + self.bias.astype(x.dtype)
+
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if "gate" in layer.mlp:
+            layer.mlp.gate = BiasedRouter(layer.mlp.gate, zipf_bias(model.config.num_experts, rng))
+
+
+def measure(task: dict) -> dict:
+    """One budgeted run in this (child) process."""
+    from .checkpoint import load_model
+    from .experts import stream_counts
+    from .generate import generate_tokens
+
+    model, _ = load_model(task["model"], threads=task["threads"], memory_budget=task["budget"],
+                          expert_policy=task["policy"], read_ahead=task["read_ahead"])
+    if task["routing"] == "zipf":
+        skew_routing(model)
+    prompt = prompt_ids(task["prompt_tokens"], model.config.vocab_size)
+    n, after_prefill = 0, None
+    for _ in generate_tokens(model, prompt, max_tokens=task["decode_tokens"]):
+        n += 1
+        if n == 1:
+            after_prefill, first = vars(stream_counts(model)).copy(), time.perf_counter()
+    end = time.perf_counter()
+    decode = {k: v - after_prefill[k] for k, v in vars(stream_counts(model)).items()}
+    lookups = decode["hits"] + decode["misses"]
+    return {"decode_tps": (n - 1) / (end - first),
+            "hit_rate": decode["hits"] / lookups if lookups else 1.0,
+            "mb_read_per_token": decode["bytes_read"] / (n - 1) / 1e6,
+            "read_ahead_used": decode["read_ahead_used"], "read_ahead_unused": decode["read_ahead_unused"],
+            "peak_rss_gb": vm_hwm_gb()}
+
+
+def runs(weights: int) -> list[dict]:
+    """Every budget on both routings, then the policies and reading ahead at POLICY_SHARE."""
+    planned = [dict(share=s, routing=r, policy="lru", read_ahead=True) for s in BUDGET_SHARES for r in ROUTINGS]
+    planned += [dict(share=POLICY_SHARE, routing=r, policy=p, read_ahead=a) for r in ROUTINGS
+                for p, a in (("lfu", True), ("lru", False))]
+    for run in planned:
+        run["budget"] = None if run["share"] == 1.0 else int(run["share"] * weights)
+    return planned
+
+
+def run_budget_bench(options: BenchOptions, on_step: Callable[[str, int, int], None] = lambda *_: None) -> dict:
+    """Measure decoding under each budget; on_step(label, done, total) reports progress. Returns plain data."""
+    from .checkpoint import compute_dtype, memory_budget_parts, weights_in_memory
+
+    if options.layers < 1 or options.prompt_tokens < 1 or options.decode_tokens < 2:
+        raise QwenMLXError("--layers and --prompt-tokens must be at least 1, --decode-tokens at least 2")
+    options.workdir.mkdir(parents=True, exist_ok=True)
+    bench_config(options.config, options.layers)
+    facts = machine()
+    options.bits = options.bits[:1]
+    on_step("writing the synthetic checkpoint (once per size)", 0, 1)
+    _, checkpoints = synthetic_checkpoints(options)
+    model_dir = checkpoints[options.bits[0]]
+    weights = weights_in_memory(model_dir, compute_dtype())
+    minimum = memory_budget_parts(model_dir).minimum
+    planned = [run for run in runs(weights) if run["budget"] is None or run["budget"] >= minimum]
+    rows = []
+    for done, run in enumerate(planned):
+        on_step(f"{run['share']:.0%} of the weights, {run['routing']} routing, {run['policy']}"
+                f"{'' if run['read_ahead'] else ', no read-ahead'}", done, len(planned))
+        task = dict(kind="memory-budget", model=str(model_dir), threads=options.threads,
+                    prompt_tokens=options.prompt_tokens, decode_tokens=options.decode_tokens, **run)
+        rows.append({**run, **run_child(task)})
+    on_step("done", len(planned), len(planned))
+    facts["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    return {"machine": facts, "options": {"layers": options.layers, "bits": options.bits[0],
+                                          "config": str(options.config), "prompt_tokens": options.prompt_tokens,
+                                          "decode_tokens": options.decode_tokens},
+            "memory_budget": {"weights_gb": weights / 1e9, "minimum_gb": minimum / 1e9,
+                              "zipf_exponent": ZIPF_EXPONENT, "runs": rows}}
+
+
+def budget_tables(result: dict, markdown: bool = False) -> list:
+    """The runs as one table: a row per budget, routing, policy."""
+    from rich import box
+    from rich.table import Table
+
+    facts = result["memory_budget"]
+    table = Table(title=f"experts-{result['options']['bits']}, {result['options']['layers']} layers: weights "
+                        f"{facts['weights_gb']:.2f} GB, minimum budget {facts['minimum_gb']:.2f} GB "
+                        f"(zipf: router bias, exponent {facts['zipf_exponent']:g}, assumed)",
+                  box=box.MARKDOWN if markdown else box.SIMPLE_HEAD)
+    for column in ("budget", "routing", "eviction", "read-ahead", "decode tok/s", "hit rate", "MB read/token",
+                   "peak RSS GB"):
+        table.add_column(column, justify="left" if column in ("routing", "eviction") else "right")
+    for r in facts["runs"]:
+        table.add_row(f"{r['share']:.0%}", r["routing"], r["policy"] if r["budget"] else "-",
+                      ("on" if r["read_ahead"] else "off") if r["budget"] else "-", f"{r['decode_tps']:.2f}",
+                      f"{r['hit_rate']:.1%}", f"{r['mb_read_per_token']:.1f}", f"{r['peak_rss_gb']:.2f}")
+    return [table]
