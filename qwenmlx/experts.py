@@ -274,20 +274,36 @@ class StreamedExperts(nn.Module):
         wanted = np.array(expert_ids)  # the router's choice decides what to read, so it is evaluated here
         experts = np.unique(wanted).tolist()
         if expert_ids.size >= SORTED_PATH_MIN_PAIRS or len(experts) > self._table.slots:
-            # Through once, in expert order: ids ranked keep the order the resident layer sorts rows in.
-            layers = self._files.read(experts)
-            self.counts.bytes_read += len(experts) * self._files.expert_bytes
-            ids = np.searchsorted(np.array(experts), wanted)
-        else:
-            layers, slot_of = self._fill_slots(experts)
-            slot_ids = np.zeros(max(experts) + 1, np.int64)
-            slot_ids[list(slot_of)] = list(slot_of.values())
-            ids = slot_ids[wanted]
-            if self._next is not None:
-                router, following, reader = self._next
-                following.read_ahead(np.unique(np.array(router.route(x)[1])).tolist(), reader)
-        view = ExpertsSwiGLU.holding(layers, self.cores)
-        return view(x, mx.array(ids.astype(np.uint32)))
+            return self._stream_through(x, wanted, experts)
+        layers, slot_of = self._fill_slots(experts)
+        slot_ids = np.zeros(max(experts) + 1, np.int64)
+        slot_ids[list(slot_of)] = list(slot_of.values())
+        if self._next is not None:
+            router, following, reader = self._next
+            following.read_ahead(np.unique(np.array(router.route(x)[1])).tolist(), reader)
+        return ExpertsSwiGLU.holding(layers, self.cores)(x, mx.array(slot_ids[wanted].astype(np.uint32)))
+
+    def _stream_through(self, x: mx.array, wanted: np.ndarray, experts: list[int]) -> mx.array:
+        """Many tokens (prefill): the experts they use read once, in expert order, `slots` at a time, each
+        group's (token, expert) rows computed before the next group is read; the slots are left as they are.
+
+        Each row is its own dot product whichever rows it is computed with, so grouping changes no bit.
+        """
+        k, hidden = wanted.shape[-1], x.shape[-1]
+        rows, pairs = x.reshape(-1, hidden), wanted.reshape(-1)
+        positions, outputs = [], []
+        for start in range(0, len(experts), self._table.slots):
+            group = experts[start : start + self._table.slots]
+            here = np.flatnonzero(np.isin(pairs, group))
+            layers = self._files.read(group)
+            self.counts.bytes_read += len(group) * self._files.expert_bytes
+            ids = np.searchsorted(np.array(group), pairs[here])[:, None].astype(np.uint32)
+            out = ExpertsSwiGLU.holding(layers, self.cores)(rows[mx.array(here // k)], mx.array(ids))
+            mx.eval(out)  # before the next group is read: one group's experts in memory at a time
+            positions.append(here)
+            outputs.append(out)
+        order = np.argsort(np.concatenate(positions))
+        return mx.concatenate(outputs)[mx.array(order)].reshape(*wanted.shape, hidden)
 
     def read_ahead(self, experts: list[int], reader: ThreadPoolExecutor) -> None:
         """Start reading these experts' bytes, those not in a slot, on the reader thread."""
@@ -361,8 +377,8 @@ def _gb(n_bytes: int) -> str:
 
 @dataclass(frozen=True)
 class ExpertBudget:
-    """How a budget for the weights divides: everything but the experts, then one layer's experts (prefill
-    streams them through, read once), then the slots, the same number in every MoE layer."""
+    """How a budget for the weights divides: everything but the experts, then the slots, the same number in
+    every MoE layer, and as many again for one layer's experts being read (prefill streams through them)."""
 
     resident_bytes: int
     expert_bytes: list[int]  # one expert of each MoE layer, in memory
@@ -370,13 +386,14 @@ class ExpertBudget:
     top_k: int
 
     @property
-    def prefill_bytes(self) -> int:
-        return max(self.expert_bytes, default=0) * self.num_experts
+    def slot_bytes(self) -> int:
+        """One slot in every MoE layer, and one more for the largest layer's experts being read."""
+        return sum(self.expert_bytes) + max(self.expert_bytes, default=0)
 
     @property
     def minimum(self) -> int:
         """With top_k slots per MoE layer: one token's experts."""
-        return self.resident_bytes + self.prefill_bytes + self.top_k * sum(self.expert_bytes)
+        return self.resident_bytes + self.top_k * self.slot_bytes
 
     def slots(self, budget: int) -> int:
         """Slots per MoE layer within budget bytes (num_experts: all fit, nothing to stream)."""
@@ -388,9 +405,9 @@ class ExpertBudget:
         if budget < self.minimum:
             raise QwenMLXError(
                 f"memory budget {_gb(budget)} is below this model's minimum of {_gb(self.minimum)} (weights other "
-                f"than experts {_gb(self.resident_bytes)}, one layer's experts for prefill {_gb(self.prefill_bytes)}, "
-                f"{self.top_k} experts per MoE layer {_gb(self.top_k * sum(self.expert_bytes))})")
-        return min(self.num_experts, (budget - self.resident_bytes - self.prefill_bytes) // sum(self.expert_bytes))
+                f"than experts {_gb(self.resident_bytes)} + {self.top_k} experts per MoE layer and {self.top_k} "
+                f"being read {_gb(self.top_k * self.slot_bytes)})")
+        return min(self.num_experts, (budget - self.resident_bytes) // self.slot_bytes)
 
 
 EXPERT_TENSOR = re.compile(r"model\.layers\.(\d+)\.mlp\.(?:experts\.\d+|switch_mlp)\.")

@@ -59,7 +59,7 @@ def big_experts(tmp_path_factory):
 
 def budget_for(model_dir, slots: int) -> int:
     parts = memory_budget_parts(model_dir)
-    return parts.resident_bytes + parts.prefill_bytes + slots * sum(parts.expert_bytes)
+    return parts.resident_bytes + slots * parts.slot_bytes
 
 
 def greedy(model, cache_kind: dict) -> list[int]:
