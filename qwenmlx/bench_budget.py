@@ -26,28 +26,67 @@ ZIPF_EXPONENT = 1.0
 
 
 def zipf_bias(num_experts: int, rng: np.random.Generator) -> np.ndarray:
-    """log p for p ∝ 1/rank^ZIPF_EXPONENT, experts ranked in a random order: added to the router's logits."""
+    """log p for p ∝ 1/rank^ZIPF_EXPONENT, experts ranked in a random order (in units of the logits' spread)."""
     ranks = rng.permutation(num_experts) + 1
     return -ZIPF_EXPONENT * np.log(ranks)
 
 
-def skew_routing(model) -> None:
-    """Add a Zipf bias (its own expert order per layer) to every MoE layer's router logits."""
+class RoutingCounter:
+    """How the routers choose: each layer's choices per expert (the skew the table reports)."""
+
+    def __init__(self):
+        self.choices: dict[int, np.ndarray] = {}
+
+    def add(self, layer: int, expert_ids: np.ndarray, num_experts: int) -> None:
+        counts = self.choices.setdefault(layer, np.zeros(num_experts, np.int64))
+        np.add.at(counts, expert_ids.reshape(-1), 1)
+
+    def top_tenth_share(self) -> float:
+        """The share of all choices that went to each layer's most chosen tenth of its experts."""
+        top = total = 0
+        for counts in self.choices.values():
+            ranked = np.sort(counts)[::-1]
+            top += ranked[: max(1, len(ranked) // 10)].sum()
+            total += ranked.sum()
+        return float(top / total) if total else 0.0
+
+
+def watch_routing(model, skewed: bool) -> RoutingCounter:
+    """Count every MoE layer's choices in decode; with skewed, first add a Zipf bias to its router logits,
+    scaled by the logits' own spread (measured on the first call) so that it skews the choice without fixing it."""
     import mlx.core as mx
     import mlx.nn as nn
+
+    counter = RoutingCounter()
 
     class BiasedRouter(nn.Module):
         def __init__(self, router: nn.Module, bias: np.ndarray):
             super().__init__()
-            self.router, self.bias = router, mx.array(bias, dtype=mx.float32)
+            self.router, self.bias, self.scale = router, bias, None
 
         def __call__(self, x: mx.array) -> mx.array:
-            return self.router(x) + self.bias.astype(x.dtype)
+            logits = self.router(x)
+            if self.scale is None:
+                self.scale = float(mx.std(logits.astype(mx.float32), axis=-1).mean())
+            return logits + mx.array(self.bias * self.scale, dtype=logits.dtype)
+
+    class CountedExperts(nn.Module):
+        def __init__(self, experts: nn.Module, layer: int):
+            super().__init__()
+            self.experts, self.layer = experts, layer
+
+        def __call__(self, x: mx.array, expert_ids: mx.array) -> mx.array:
+            if x.shape[-2] == 1:
+                counter.add(self.layer, np.array(expert_ids), model.config.num_experts)
+            return self.experts(x, expert_ids)
 
     rng = np.random.default_rng(0)
-    for layer in model.layers:
+    for i, layer in enumerate(model.layers):
         if "gate" in layer.mlp:
-            layer.mlp.gate = BiasedRouter(layer.mlp.gate, zipf_bias(model.config.num_experts, rng))
+            if skewed:
+                layer.mlp.gate = BiasedRouter(layer.mlp.gate, zipf_bias(model.config.num_experts, rng))
+            layer.mlp.switch_mlp = CountedExperts(layer.mlp.switch_mlp, i)
+    return counter
 
 
 def measure(task: dict) -> dict:
@@ -58,8 +97,7 @@ def measure(task: dict) -> dict:
 
     model, _ = load_model(task["model"], threads=task["threads"], memory_budget=task["budget"],
                           expert_policy=task["policy"], read_ahead=task["read_ahead"])
-    if task["routing"] == "zipf":
-        skew_routing(model)
+    routing = watch_routing(model, task["routing"] == "zipf")
     prompt = prompt_ids(task["prompt_tokens"], model.config.vocab_size)
     n, after_prefill = 0, None
     for _ in generate_tokens(model, prompt, max_tokens=task["decode_tokens"]):
@@ -72,7 +110,8 @@ def measure(task: dict) -> dict:
     return {"decode_tps": (n - 1) / (end - first),
             "hit_rate": decode["hits"] / lookups if lookups else 1.0,
             "mb_read_per_token": decode["bytes_read"] / (n - 1) / 1e6,
-            "read_ahead_used": decode["read_ahead_used"], "read_ahead_unused": decode["read_ahead_unused"],
+            "top_tenth_share": routing.top_tenth_share(),
+            "read_ahead_right": decode["read_ahead_used"] / max(decode["read_ahead_used"] + decode["read_ahead_unused"], 1),
             "peak_rss_gb": vm_hwm_gb()}
 
 
@@ -128,11 +167,12 @@ def budget_tables(result: dict, markdown: bool = False) -> list:
                         f"{facts['weights_gb']:.2f} GB, minimum budget {facts['minimum_gb']:.2f} GB "
                         f"(zipf: router bias, exponent {facts['zipf_exponent']:g}, assumed)",
                   box=box.MARKDOWN if markdown else box.SIMPLE_HEAD)
-    for column in ("budget", "routing", "eviction", "read-ahead", "decode tok/s", "hit rate", "MB read/token",
-                   "peak RSS GB"):
+    for column in ("budget", "routing", "top 10% of experts", "eviction", "read-ahead", "decode tok/s",
+                   "hit rate", "MB read/token", "peak RSS GB"):
         table.add_column(column, justify="left" if column in ("routing", "eviction") else "right")
     for r in facts["runs"]:
-        table.add_row(f"{r['share']:.0%}", r["routing"], r["policy"] if r["budget"] else "-",
-                      ("on" if r["read_ahead"] else "off") if r["budget"] else "-", f"{r['decode_tps']:.2f}",
+        ahead = f"on ({r['read_ahead_right']:.0%} right)" if r["read_ahead"] else "off"
+        table.add_row(f"{r['share']:.0%}", r["routing"], f"{r['top_tenth_share']:.0%} of choices",
+                      r["policy"] if r["budget"] else "-", ahead if r["budget"] else "-", f"{r['decode_tps']:.2f}",
                       f"{r['hit_rate']:.1%}", f"{r['mb_read_per_token']:.1f}", f"{r['peak_rss_gb']:.2f}")
     return [table]

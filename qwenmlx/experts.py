@@ -5,8 +5,9 @@ stays in memory and each MoE layer keeps a few experts in slots. When the router
 not in a slot, their rows are read from the checkpoint at their byte offsets into slots (evicting the least
 recently or least often used), and the same gather matmul runs over the slot array with the ids remapped
 to slots. Each (token, expert) row is the same dot product either way, so the results are bitwise those of
-the fully loaded model. Prefill (many tokens touch most experts) streams the experts its chunk uses
-through once, in expert order, without disturbing the slots.
+the fully loaded model. A reader thread reads the next layer's likely experts (its router applied to this
+layer's input) while this layer computes. Prefill (many tokens touch most experts) streams the experts its
+chunk uses through once, in expert order, a layer's slots' worth at a time, without disturbing the slots.
 """
 
 import copy
@@ -275,12 +276,12 @@ class StreamedExperts(nn.Module):
         experts = np.unique(wanted).tolist()
         if expert_ids.size >= SORTED_PATH_MIN_PAIRS or len(experts) > self._table.slots:
             return self._stream_through(x, wanted, experts)
+        if self._next is not None:  # first, so the reader works while this layer reads and computes
+            router, following, reader = self._next
+            following.read_ahead(np.unique(np.array(router.route(x)[1])).tolist(), reader)
         layers, slot_of = self._fill_slots(experts)
         slot_ids = np.zeros(max(experts) + 1, np.int64)
         slot_ids[list(slot_of)] = list(slot_of.values())
-        if self._next is not None:
-            router, following, reader = self._next
-            following.read_ahead(np.unique(np.array(router.route(x)[1])).tolist(), reader)
         return ExpertsSwiGLU.holding(layers, self.cores)(x, mx.array(slot_ids[wanted].astype(np.uint32)))
 
     def _stream_through(self, x: mx.array, wanted: np.ndarray, experts: list[int]) -> mx.array:

@@ -114,7 +114,7 @@ def test_memory_budget_bench_reports_each_budget_on_both_routings(tmp_path):
         *((0.5, routing, policy, ahead) for routing in ("uniform", "zipf")
           for policy, ahead in (("lfu", True), ("lru", False)))]
     for r in runs:
-        assert r["decode_tps"] > 0 and r["peak_rss_gb"] > 0 and 0 <= r["hit_rate"] <= 1
+        assert r["decode_tps"] > 0 and r["peak_rss_gb"] > 0 and 0 <= r["hit_rate"] <= 1 and 0 < r["top_tenth_share"] <= 1
         if r["budget"] is None:  # everything resident: nothing is read
             assert r["hit_rate"] == 1 and r["mb_read_per_token"] == 0
     console = Console(width=300, record=True)
