@@ -7,7 +7,7 @@ router's experts were already in a slot, the megabytes read from disk per token 
 Random weights route almost uniformly, the worst case for a cache, so every budget also runs with a router
 bias that skews the choice like real traffic: a Zipf law over each layer's experts (exponent ZIPF_EXPONENT,
 a random order per layer). That is an assumed skew, labelled as such, not a published measurement.
-At one budget the eviction policies and reading ahead are compared on both routings.
+At one budget the eviction policies and reading ahead (off by default) are compared on both routings.
 """
 
 import os
@@ -117,9 +117,9 @@ def measure(task: dict) -> dict:
 
 def runs(weights: int) -> list[dict]:
     """Every budget on both routings, then the policies and reading ahead at POLICY_SHARE."""
-    planned = [dict(share=s, routing=r, policy="lru", read_ahead=True) for s in BUDGET_SHARES for r in ROUTINGS]
+    planned = [dict(share=s, routing=r, policy="lru", read_ahead=False) for s in BUDGET_SHARES for r in ROUTINGS]
     planned += [dict(share=POLICY_SHARE, routing=r, policy=p, read_ahead=a) for r in ROUTINGS
-                for p, a in (("lfu", True), ("lru", False))]
+                for p, a in (("lfu", False), ("lru", True))]
     for run in planned:
         run["budget"] = None if run["share"] == 1.0 else int(run["share"] * weights)
     return planned
@@ -144,7 +144,7 @@ def run_budget_bench(options: BenchOptions, on_step: Callable[[str, int, int], N
     rows = []
     for done, run in enumerate(planned):
         on_step(f"{run['share']:.0%} of the weights, {run['routing']} routing, {run['policy']}"
-                f"{'' if run['read_ahead'] else ', no read-ahead'}", done, len(planned))
+                f"{', read-ahead' if run['read_ahead'] else ''}", done, len(planned))
         task = dict(kind="memory-budget", model=str(model_dir), threads=options.threads,
                     prompt_tokens=options.prompt_tokens, decode_tokens=options.decode_tokens, **run)
         rows.append({**run, **run_child(task)})

@@ -293,14 +293,14 @@ def load_model(
     threads: int | None = None,
     memory_budget: int | None = None,
     expert_policy: str = "lru",
-    read_ahead: bool = True,
+    read_ahead: bool = False,
 ) -> tuple[Model, Path]:
     """Build the model its config.json describes and fill it from the checkpoint's safetensors.
 
     threads: CPU cores the large matmuls are split over (default: all; ignored on a GPU).
     memory_budget: bytes the weights may take; when they need more, the experts are streamed from the
-    files through slots that fit it (experts.py), evicting by expert_policy (lru or lfu), and reading the
-    next layer's likely experts ahead unless read_ahead is False.
+    files through slots that fit it (experts.py), evicting by expert_policy (lru or lfu); read_ahead: also
+    read the next layer's likely experts while a layer computes.
     """
     model_dir = resolve_model_dir(path_or_hub_id)
     config = read_config(model_dir)

@@ -5,8 +5,8 @@ stays in memory and each MoE layer keeps a few experts in slots. When the router
 not in a slot, their rows are read from the checkpoint at their byte offsets into slots (evicting the least
 recently or least often used), and the same gather matmul runs over the slot array with the ids remapped
 to slots. Each (token, expert) row is the same dot product either way, so the results are bitwise those of
-the fully loaded model. A reader thread reads the next layer's likely experts (its router applied to this
-layer's input) while this layer computes. Prefill (many tokens touch most experts) streams the experts its
+the fully loaded model. On request, a reader thread reads the next layer's likely experts (its router
+applied to this layer's input) while this layer computes. Prefill (many tokens touch most experts) streams the experts its
 chunk uses through once, in expert order, a layer's slots' worth at a time, without disturbing the slots.
 """
 
@@ -427,9 +427,9 @@ def expert_budget(index: dict, config: ModelConfig, weights_bytes: int, dtype: m
 
 
 def stream_experts(model: nn.Module, index: dict, weights_bytes: int, budget: int, dtype: mx.Dtype,
-                   policy: str = "lru", read_ahead: bool = True) -> tuple[str, ...]:
+                   policy: str = "lru", read_ahead: bool = False) -> tuple[str, ...]:
     """Give each MoE layer streamed experts whose slots fit `budget` bytes of weights in all (the whole model
-    needs weights_bytes), reading the next layer's guessed experts ahead unless told not to; the weight names
+    needs weights_bytes), with read_ahead reading the next layer's guessed experts ahead; the weight names
     they read themselves, as prefixes (none when everything fits)."""
     if policy not in POLICIES:
         raise QwenMLXError(f"expert policy {policy!r}: must be one of {', '.join(POLICIES)}")

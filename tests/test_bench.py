@@ -110,9 +110,9 @@ def test_memory_budget_bench_reports_each_budget_on_both_routings(tmp_path):
     result = run_budget_bench(options)
     runs = result["memory_budget"]["runs"]
     assert [(r["share"], r["routing"], r["policy"], r["read_ahead"]) for r in runs] == [
-        *((s, routing, "lru", True) for s in (1.0, 0.75, 0.5, 0.35) for routing in ("uniform", "zipf")),
+        *((s, routing, "lru", False) for s in (1.0, 0.75, 0.5, 0.35) for routing in ("uniform", "zipf")),
         *((0.5, routing, policy, ahead) for routing in ("uniform", "zipf")
-          for policy, ahead in (("lfu", True), ("lru", False)))]
+          for policy, ahead in (("lfu", False), ("lru", True)))]
     for r in runs:
         assert r["decode_tps"] > 0 and r["peak_rss_gb"] > 0 and 0 <= r["hit_rate"] <= 1 and 0 < r["top_tenth_share"] <= 1
         if r["budget"] is None:  # everything resident: nothing is read
