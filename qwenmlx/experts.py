@@ -25,7 +25,7 @@ from .errors import QwenMLXError
 from .fusion import concatenate_rows, fuse_gate_up, gate_and_up, swiglu
 from .parallel import NO_CORES
 
-SORTED_PATH_MIN_PAIRS = 64  # from this many (token, expert) pairs, rows are grouped by expert (prefill)
+STREAM_THROUGH_MIN_PAIRS = 64  # from this many (token, expert) pairs, streamed experts are read through once (prefill)
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 POLICIES = ("lru", "lfu")
 MX_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "U32": mx.uint32, "U8": mx.uint8,
@@ -91,8 +91,9 @@ class ExpertsSwiGLU(nn.Module):
     def __call__(self, x: mx.array, expert_ids: mx.array) -> mx.array:
         """x: [..., hidden], expert_ids: [..., k] -> [..., k, hidden]."""
         k = expert_ids.shape[-1]
-        # Many tokens: group rows by expert so each expert's weights are read once, as one large matmul.
-        if expert_ids.size >= SORTED_PATH_MIN_PAIRS:
+        # Several tokens (a prefill chunk, a batch of sequences decoding; as on main): group rows by expert so
+        # each expert's weights are read once for all the tokens that chose it, as one larger matmul.
+        if expert_ids.size > k:
             flat_ids = expert_ids.flatten()
             order = mx.argsort(flat_ids)
             rows = x.reshape(-1, 1, x.shape[-1])[order // k]
@@ -274,7 +275,7 @@ class StreamedExperts(nn.Module):
     def __call__(self, x: mx.array, expert_ids: mx.array) -> mx.array:
         wanted = np.array(expert_ids)  # the router's choice decides what to read, so it is evaluated here
         experts = np.unique(wanted).tolist()
-        if expert_ids.size >= SORTED_PATH_MIN_PAIRS or len(experts) > self._table.slots:
+        if expert_ids.size >= STREAM_THROUGH_MIN_PAIRS or len(experts) > self._table.slots:
             return self._stream_through(x, wanted, experts)
         if self._next is not None:  # first, so the reader works while this layer reads and computes
             router, following, reader = self._next
