@@ -7,7 +7,8 @@ router's experts were already in a slot, the megabytes read from disk per token 
 Random weights route almost uniformly, the worst case for a cache, so every budget also runs with a router
 bias that skews the choice like real traffic: a Zipf law over each layer's experts (exponent ZIPF_EXPONENT,
 a random order per layer). That is an assumed skew, labelled as such, not a published measurement.
-At one budget the eviction policies and reading ahead (off by default) are compared on both routings.
+At two budgets the eviction policies (experts.POLICIES), at one reading ahead (off by default), are compared
+on both routings.
 """
 
 import os
@@ -18,9 +19,11 @@ import numpy as np
 
 from .bench import BenchOptions, bench_config, machine, prompt_ids, run_child, synthetic_checkpoints, vm_hwm_gb
 from .errors import QwenMLXError
+from .experts import DEFAULT_POLICY, POLICIES
 
 BUDGET_SHARES = (1.0, 0.75, 0.5, 0.35)  # of the weights in memory
-POLICY_SHARE = 0.5  # where LRU, LFU and reading ahead are compared
+POLICY_SHARES = (0.5, 0.35)  # where the eviction policies are compared
+READ_AHEAD_SHARE = 0.5  # where reading ahead is
 ROUTINGS = ("uniform", "zipf")
 ZIPF_EXPONENT = 1.0
 
@@ -116,10 +119,13 @@ def measure(task: dict) -> dict:
 
 
 def runs(weights: int) -> list[dict]:
-    """Every budget on both routings, then the policies and reading ahead at POLICY_SHARE."""
-    planned = [dict(share=s, routing=r, policy="lru", read_ahead=False) for s in BUDGET_SHARES for r in ROUTINGS]
-    planned += [dict(share=POLICY_SHARE, routing=r, policy=p, read_ahead=a) for r in ROUTINGS
-                for p, a in (("lfu", False), ("lru", True))]
+    """Every budget on both routings with the default policy, then the other policies at POLICY_SHARES and
+    reading ahead at READ_AHEAD_SHARE."""
+    planned = [dict(share=s, routing=r, policy=DEFAULT_POLICY, read_ahead=False) for s in BUDGET_SHARES
+               for r in ROUTINGS]
+    planned += [dict(share=s, routing=r, policy=p, read_ahead=False) for s in POLICY_SHARES for r in ROUTINGS
+                for p in POLICIES if p != DEFAULT_POLICY]
+    planned += [dict(share=READ_AHEAD_SHARE, routing=r, policy=DEFAULT_POLICY, read_ahead=True) for r in ROUTINGS]
     for run in planned:
         run["budget"] = None if run["share"] == 1.0 else int(run["share"] * weights)
     return planned

@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 
 from .config import ModelConfig, read_config
 from .errors import QwenMLXError
-from .experts import ExpertBudget, expert_budget, parse_budget, stream_experts
+from .experts import DEFAULT_POLICY, ExpertBudget, expert_budget, parse_budget, stream_experts
 from .model import Model
 from .parallel import Cores
 from .tokenizer import Tokenizer
@@ -292,14 +292,14 @@ def load_model(
     lazy: bool = False,
     threads: int | None = None,
     memory_budget: int | None = None,
-    expert_policy: str = "lru",
+    expert_policy: str = DEFAULT_POLICY,
     read_ahead: bool = False,
 ) -> tuple[Model, Path]:
     """Build the model its config.json describes and fill it from the checkpoint's safetensors.
 
     threads: CPU cores the large matmuls are split over (default: all; ignored on a GPU).
     memory_budget: bytes the weights may take; when they need more, the experts are streamed from the
-    files through slots that fit it (experts.py), evicting by expert_policy (lru or lfu); read_ahead: also
+    files through slots that fit it (experts.py), evicting by expert_policy (experts.POLICIES); read_ahead: also
     read the next layer's likely experts while a layer computes.
     """
     model_dir = resolve_model_dir(path_or_hub_id)

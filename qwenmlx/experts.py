@@ -27,7 +27,8 @@ from .parallel import NO_CORES
 
 STREAM_THROUGH_MIN_PAIRS = 64  # from this many (token, expert) pairs, streamed experts are read through once (prefill)
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-POLICIES = ("lru", "lfu")
+POLICIES = ("global-lru", "lru", "lfu")  # one pool of all layers' slots; a quota per layer
+DEFAULT_POLICY = "lru"
 MX_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "U32": mx.uint32, "U8": mx.uint8,
              "I32": mx.int32}
 
@@ -145,6 +146,15 @@ class ExpertFiles:
         return sum(parts[0].bytes_in_memory(self.dtype) for arrays in self.locations.values()
                    for parts in arrays.values())
 
+    @property
+    def layout(self) -> tuple:
+        """What decides the slot arrays' shapes and kinds: layers with equal layouts can share slots."""
+        arrays = tuple((proj, name, parts[0].shape, parts[0].dtype) for proj, named in self.locations.items()
+                       for name, parts in named.items())
+        kinds = tuple((type(t).__name__, getattr(t, "bits", None), getattr(t, "group_size", None),
+                       getattr(t, "mode", None)) for t in self.templates.values())
+        return arrays, kinds
+
     def read(self, experts: list[int]) -> dict[str, nn.Module]:
         """These experts' projections stacked in this order, gate|up joined as a full load joins them."""
         return self.layers(self.read_bytes(experts))
@@ -194,26 +204,27 @@ def expert_files(index: dict, layer: int, experts: ExpertsSwiGLU, num_experts: i
 
 @dataclass
 class SlotTable:
-    """Which expert each slot holds, and which slot to give up next: the least recently used (lru) or the
-    least often used, the least recent among equals (lfu)."""
+    """Which expert each slot holds, keyed (layer, expert), and which slot to give up next: the least
+    recently used (lru) or the least often used, the least recent among equals (lfu)."""
 
     slots: int
     policy: str = "lru"
-    held: list[int] = field(default_factory=list)  # held[slot]: its expert, -1 while empty
-    last_use: dict[int, int] = field(default_factory=dict)
-    uses: dict[int, int] = field(default_factory=dict)
+    held: list = field(default_factory=list)  # held[slot]: its (layer, expert), None while empty
+    last_use: dict = field(default_factory=dict)
+    uses: dict = field(default_factory=dict)
     clock: int = 0
 
     def __post_init__(self):
-        self.held = [-1] * self.slots
+        self.held = [None] * self.slots
 
-    def place(self, experts: list[int]) -> tuple[dict[int, int], list[tuple[int, int]]]:
+    def place(self, experts: list) -> tuple[dict, list[tuple]]:
         """({expert: slot} for these experts (at most `slots`), [(expert, slot) to read in]) after evicting."""
         self.clock += 1
         for e in experts:
             self.uses[e] = self.uses.get(e, 0) + 1
             self.last_use[e] = self.clock
-        slot_of = {e: s for s, e in enumerate(self.held) if e in set(experts)}
+        wanted = set(experts)
+        slot_of = {e: s for s, e in enumerate(self.held) if e in wanted}
         missing = [e for e in experts if e not in slot_of]
         free = sorted((s for s, e in enumerate(self.held) if e not in slot_of), key=self._keep_score)
         reads = list(zip(missing, free))
@@ -224,11 +235,38 @@ class SlotTable:
 
     def _keep_score(self, slot: int) -> tuple[int, ...]:
         expert = self.held[slot]
-        if expert < 0:
+        if expert is None:
             return (-1, -1)
         if self.policy == "lfu":
             return (self.uses[expert], self.last_use[expert])
         return (self.last_use[expert],)
+
+
+class SlotPool:
+    """Expert slots: the table of what each holds, and the slot arrays (made at the first read). One pool
+    per MoE layer (a quota each) or one shared by all the layers whose experts have the same layout."""
+
+    def __init__(self, slots: int, policy: str):
+        self.table = SlotTable(slots, policy)
+        self.arrays: dict[str, nn.Module] | None = None
+
+    def write(self, layers: dict[str, nn.Module], slots: list[int]) -> None:
+        """Put these experts' projections (stacked in the order of `slots`) into those slots."""
+        if self.arrays is None:
+            self.arrays = {proj: self._empty(layer) for proj, layer in layers.items()}
+        where = mx.array(slots)
+        for proj, layer in layers.items():
+            for name in ("weight", "scales", "biases"):
+                if layer.get(name) is not None:
+                    self.arrays[proj][name][where] = layer[name]
+        mx.eval([layer.parameters() for layer in self.arrays.values()])
+
+    def _empty(self, layer: nn.Module) -> nn.Module:
+        empty = copy.copy(layer)
+        for name in ("weight", "scales", "biases"):
+            if layer.get(name) is not None:
+                empty[name] = mx.zeros((self.table.slots, *layer[name].shape[1:]), layer[name].dtype)
+        return empty
 
 
 @dataclass
@@ -248,7 +286,8 @@ class StreamCounts:
 
 
 class StreamedExperts(nn.Module):
-    """One MoE layer's experts in `slots` slots, read from the checkpoint's files on a miss.
+    """One MoE layer's experts (the layer-th) in a pool's slots, `quota` of them its own or a share of a
+    pool of all layers, read from the checkpoint's files on a miss.
 
     With read_ahead_for (the next MoE layer's router and experts), each decode step also guesses the next
     layer's experts by applying its router to this layer's input, and a reader thread reads the guessed
@@ -257,11 +296,9 @@ class StreamedExperts(nn.Module):
 
     cores = NO_CORES
 
-    def __init__(self, files: ExpertFiles, slots: int, policy: str = "lru"):
+    def __init__(self, files: ExpertFiles, pool: SlotPool, layer: int, quota: int):
         super().__init__()
-        self._files = files
-        self._table = SlotTable(slots, policy)
-        self._slots: dict[str, nn.Module] | None = None  # the slot arrays, made at the first miss
+        self._files, self._pool, self._layer, self._quota = files, pool, layer, quota
         self._next: tuple | None = None  # (router block, StreamedExperts, reader) of the next MoE layer
         self._ahead: dict[int, Future] = {}  # experts being read ahead: their bytes
         self.counts = StreamCounts()
@@ -275,14 +312,14 @@ class StreamedExperts(nn.Module):
     def __call__(self, x: mx.array, expert_ids: mx.array) -> mx.array:
         wanted = np.array(expert_ids)  # the router's choice decides what to read, so it is evaluated here
         experts = np.unique(wanted).tolist()
-        if expert_ids.size >= STREAM_THROUGH_MIN_PAIRS or len(experts) > self._table.slots:
+        if expert_ids.size >= STREAM_THROUGH_MIN_PAIRS or len(experts) > self._quota:
             return self._stream_through(x, wanted, experts)
         if self._next is not None:  # first, so the reader works while this layer reads and computes
             router, following, reader = self._next
             following.read_ahead(np.unique(np.array(router.route(x)[1])).tolist(), reader)
         layers, slot_of = self._fill_slots(experts)
         slot_ids = np.zeros(max(experts) + 1, np.int64)
-        slot_ids[list(slot_of)] = list(slot_of.values())
+        slot_ids[experts] = [slot_of[e] for e in experts]
         return ExpertsSwiGLU.holding(layers, self.cores)(x, mx.array(slot_ids[wanted].astype(np.uint32)))
 
     def _stream_through(self, x: mx.array, wanted: np.ndarray, experts: list[int]) -> mx.array:
@@ -294,8 +331,8 @@ class StreamedExperts(nn.Module):
         k, hidden = wanted.shape[-1], x.shape[-1]
         rows, pairs = x.reshape(-1, hidden), wanted.reshape(-1)
         positions, outputs = [], []
-        for start in range(0, len(experts), self._table.slots):
-            group = experts[start : start + self._table.slots]
+        for start in range(0, len(experts), self._quota):
+            group = experts[start : start + self._quota]
             here = np.flatnonzero(np.isin(pairs, group))
             layers = self._files.read(group)
             self.counts.bytes_read += len(group) * self._files.expert_bytes
@@ -309,47 +346,34 @@ class StreamedExperts(nn.Module):
 
     def read_ahead(self, experts: list[int], reader: ThreadPoolExecutor) -> None:
         """Start reading these experts' bytes, those not in a slot, on the reader thread."""
-        held = set(self._table.held)
-        for e in experts[: self._table.slots]:
-            if e not in held and e not in self._ahead:
+        held = set(self._pool.table.held)
+        for e in experts[: self._quota]:
+            if (self._layer, e) not in held and e not in self._ahead:
                 self._ahead[e] = reader.submit(self._files.read_bytes, [e])
 
     def _fill_slots(self, experts: list[int]) -> tuple[dict[str, nn.Module], dict[int, int]]:
-        """The slot arrays holding these experts (misses read in, or taken from what was read ahead)."""
-        slot_of, reads = self._table.place(experts)
+        """The slot arrays holding these experts and {expert: slot} (misses read in, or taken from what
+        was read ahead)."""
+        placed, reads = self._pool.table.place([(self._layer, e) for e in experts])
         self.counts.hits += len(experts) - len(reads)
         self.counts.misses += len(reads)
         ahead, self._ahead = self._ahead, {}
         if reads:
             self.counts.bytes_read += len(reads) * self._files.expert_bytes
             read = []
-            for e, _ in reads:
+            for (_, e), _ in reads:
                 if e in ahead:
                     read.append(ahead.pop(e).result())
                     self.counts.read_ahead_used += 1
                 else:
                     read.append(self._files.read_bytes([e]))
-            layers = self._files.layers({key: np.concatenate([r[key] for r in read]) for key in read[0]})
-            if self._slots is None:
-                self._slots = {proj: self._empty_slots(layer) for proj, layer in layers.items()}
-            where = mx.array([s for _, s in reads])
-            for proj, layer in layers.items():
-                for name in ("weight", "scales", "biases"):
-                    if layer.get(name) is not None:
-                        self._slots[proj][name][where] = layer[name]
-            mx.eval([layer.parameters() for layer in self._slots.values()])
+            self._pool.write(self._files.layers({key: np.concatenate([r[key] for r in read]) for key in read[0]}),
+                             [s for _, s in reads])
         for guess in ahead.values():  # guessed wrong: dropped, read or not
             if not guess.cancel():
                 self.counts.read_ahead_unused += 1
                 self.counts.bytes_read += self._files.expert_bytes
-        return self._slots, slot_of
-
-    def _empty_slots(self, layer: nn.Module) -> nn.Module:
-        empty = copy.copy(layer)
-        for name in ("weight", "scales", "biases"):
-            if layer.get(name) is not None:
-                empty[name] = mx.zeros((self._table.slots, *layer[name].shape[1:]), layer[name].dtype)
-        return empty
+        return self._pool.arrays, {e: s for (_, e), s in placed.items()}
 
 
 # --- the budget ---
@@ -428,10 +452,12 @@ def expert_budget(index: dict, config: ModelConfig, weights_bytes: int, dtype: m
 
 
 def stream_experts(model: nn.Module, index: dict, weights_bytes: int, budget: int, dtype: mx.Dtype,
-                   policy: str = "lru", read_ahead: bool = False) -> tuple[str, ...]:
+                   policy: str = DEFAULT_POLICY, read_ahead: bool = False) -> tuple[str, ...]:
     """Give each MoE layer streamed experts whose slots fit `budget` bytes of weights in all (the whole model
-    needs weights_bytes), with read_ahead reading the next layer's guessed experts ahead; the weight names
-    they read themselves, as prefixes (none when everything fits)."""
+    needs weights_bytes): as many slots per layer, in one pool shared by all (global-lru: the least recently
+    used expert of any layer is evicted) or in a pool of each layer's own (lru, lfu), with read_ahead
+    reading the next layer's guessed experts ahead; the weight names they read themselves, as prefixes
+    (none when everything fits)."""
     if policy not in POLICIES:
         raise QwenMLXError(f"expert policy {policy!r}: must be one of {', '.join(POLICIES)}")
     c = model.config
@@ -440,9 +466,18 @@ def stream_experts(model: nn.Module, index: dict, weights_bytes: int, budget: in
     if slots >= plan.num_experts:
         return ()
     moe_layers = [i for i in range(c.num_hidden_layers) if c.is_moe_layer(i)]
-    for i in moe_layers:
-        mlp = model.layers[i].mlp
-        mlp.switch_mlp = StreamedExperts(expert_files(index, i, mlp.switch_mlp, c.num_experts, dtype), slots, policy)
+    files = {i: expert_files(index, i, model.layers[i].mlp.switch_mlp, c.num_experts, dtype) for i in moe_layers}
+    if policy == "global-lru":  # a pool per layout: every layer's, unless a recipe quantized some differently
+        layouts = {}
+        for i in moe_layers:
+            layouts.setdefault(files[i].layout, []).append(i)
+        sharing = list(layouts.values())
+    else:
+        sharing = [[i] for i in moe_layers]
+    for layers in sharing:
+        pool = SlotPool(slots * len(layers), policy.removeprefix("global-"))
+        for i in layers:
+            model.layers[i].mlp.switch_mlp = StreamedExperts(files[i], pool, i, slots)
     if read_ahead:
         reader = ThreadPoolExecutor(1, thread_name_prefix="qwenmlx-expert-reader")
         for i, j in zip(moe_layers, moe_layers[1:]):

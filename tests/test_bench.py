@@ -13,6 +13,7 @@ from qwenmlx.bench import REAL_CONFIG, BenchOptions, decode_step_kernels, result
 from qwenmlx.bench_budget import budget_tables, run_budget_bench
 from qwenmlx.cli import app
 from qwenmlx.config import config_from_dict
+from qwenmlx.experts import DEFAULT_POLICY
 from qwenmlx.parallel import cpu_threads
 
 # Qwen3-30B-A3B's config with every size shrunk (group-64 quantization still divides every input width).
@@ -110,9 +111,10 @@ def test_memory_budget_bench_reports_each_budget_on_both_routings(tmp_path):
     result = run_budget_bench(options)
     runs = result["memory_budget"]["runs"]
     assert [(r["share"], r["routing"], r["policy"], r["read_ahead"]) for r in runs] == [
-        *((s, routing, "lru", False) for s in (1.0, 0.75, 0.5, 0.35) for routing in ("uniform", "zipf")),
-        *((0.5, routing, policy, ahead) for routing in ("uniform", "zipf")
-          for policy, ahead in (("lfu", False), ("lru", True)))]
+        *((s, routing, DEFAULT_POLICY, False) for s in (1.0, 0.75, 0.5, 0.35) for routing in ("uniform", "zipf")),
+        *((s, routing, policy, False) for s in (0.5, 0.35) for routing in ("uniform", "zipf")
+          for policy in ("global-lru", "lru", "lfu") if policy != DEFAULT_POLICY),
+        *((0.5, routing, DEFAULT_POLICY, True) for routing in ("uniform", "zipf"))]
     for r in runs:
         assert r["decode_tps"] > 0 and r["peak_rss_gb"] > 0 and 0 <= r["hit_rate"] <= 1 and 0 < r["top_tenth_share"] <= 1
         if r["budget"] is None:  # everything resident: nothing is read

@@ -18,7 +18,7 @@ from qwenmlx.checkpoint import load_model, memory_budget_parts
 from qwenmlx.cli import app
 from qwenmlx.convert import convert
 from qwenmlx.errors import QwenMLXError
-from qwenmlx.experts import StreamedExperts, parse_budget, stream_counts
+from qwenmlx.experts import SlotTable, StreamedExperts, parse_budget, stream_counts
 from qwenmlx.generate import generate_tokens
 from qwenmlx.memory import check_memory, model_limits, weights_budget, weights_in_memory
 from tests.checkpoints import TINY_MOE, write_hf_checkpoint
@@ -72,7 +72,8 @@ CACHE_KINDS = {"full": {}, "rotating": {"max_kv_size": 24}, "kv-bits-8": {"kv_bi
 @pytest.mark.parametrize("threads", [1, None], ids=["one-core", "cpu-split"])
 @pytest.mark.parametrize("recipe, policy, read_ahead", [
     (None, "lru", False), ("bf16", "lru", False), ("q4", "lru", False), ("q6", "lru", False), ("q8", "lru", False),
-    ("mxfp4", "lru", False), (None, "lfu", False), ("q4", "lfu", False), (None, "lru", True), ("q4", "lfu", True)])
+    ("mxfp4", "lru", False), (None, "lfu", False), ("q4", "lfu", False), (None, "lru", True), ("q4", "lfu", True),
+    (None, "global-lru", False), ("q4", "global-lru", False), ("mxfp4", "global-lru", True)])
 @pytest.mark.parametrize("variant", ["moe", "moe-mha-mlp-only-layers"])
 def test_streamed_experts_give_bitwise_the_logits_and_greedy_tokens_of_the_loaded_model(
         checkpoint, variant, recipe, policy, read_ahead, threads):
@@ -88,6 +89,16 @@ def test_streamed_experts_give_bitwise_the_logits_and_greedy_tokens_of_the_loade
         assert greedy(loaded, kind) == greedy(streamed, kind)
     counts = stream_counts(streamed)
     assert counts.misses > 0 and counts.hits > 0  # decode both found experts in slots and read others
+
+
+def test_a_shared_pool_evicts_the_least_recently_used_expert_of_any_layer():
+    table = SlotTable(4, "lru")
+    for layer, experts in ((0, [0, 1]), (1, [0, 1]), (0, [2, 3])):
+        table.place([(layer, e) for e in experts])
+    assert sorted(table.held) == [(0, 2), (0, 3), (1, 0), (1, 1)]  # layer 0's own were the least recent
+    _, reads = table.place([(0, 0), (0, 1)])
+    assert sorted(key for key, _ in reads) == [(0, 0), (0, 1)]
+    assert sorted(table.held) == [(0, 0), (0, 1), (0, 2), (0, 3)]  # now layer 1's were: more than a quota
 
 
 def test_reading_ahead_changes_neither_the_tokens_nor_what_the_slots_hold(moe_dir):
