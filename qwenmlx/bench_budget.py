@@ -7,8 +7,9 @@ router's experts were already in a slot, the megabytes read from disk per token 
 Random weights route almost uniformly, the worst case for a cache, so every budget also runs with a router
 bias that skews the choice like real traffic: a Zipf law over each layer's experts (exponent ZIPF_EXPONENT,
 a random order per layer). That is an assumed skew, labelled as such, not a published measurement.
-At two budgets the eviction policies (experts.POLICIES), at one reading ahead (off by default), are compared
-on both routings.
+At two budgets the eviction policies (experts.POLICIES), at one reading ahead (off by default) and reading a
+step's misses in turn before computing (rather than on reader threads while the experts found are computed)
+are compared on both routings.
 """
 
 import os
@@ -23,7 +24,7 @@ from .experts import DEFAULT_POLICY, POLICIES
 
 BUDGET_SHARES = (1.0, 0.75, 0.5, 0.35)  # of the weights in memory
 POLICY_SHARES = (0.5, 0.35)  # where the eviction policies are compared
-READ_AHEAD_SHARE = 0.5  # where reading ahead is
+READ_AHEAD_SHARE = 0.5  # where reading ahead, and reading misses in turn rather than while computing, are
 ROUTINGS = ("uniform", "zipf")
 ZIPF_EXPONENT = 1.0
 
@@ -99,7 +100,8 @@ def measure(task: dict) -> dict:
     from .generate import generate_tokens
 
     model, _ = load_model(task["model"], threads=task["threads"], memory_budget=task["budget"],
-                          expert_policy=task["policy"], read_ahead=task["read_ahead"])
+                          expert_policy=task["policy"], read_ahead=task["read_ahead"],
+                          overlap_reads=task["overlap"])
     routing = watch_routing(model, task["routing"] == "zipf")
     prompt = prompt_ids(task["prompt_tokens"], model.config.vocab_size)
     n, after_prefill = 0, None
@@ -120,12 +122,13 @@ def measure(task: dict) -> dict:
 
 def runs(weights: int) -> list[dict]:
     """Every budget on both routings with the default policy, then the other policies at POLICY_SHARES and
-    reading ahead at READ_AHEAD_SHARE."""
-    planned = [dict(share=s, routing=r, policy=DEFAULT_POLICY, read_ahead=False) for s in BUDGET_SHARES
-               for r in ROUTINGS]
-    planned += [dict(share=s, routing=r, policy=p, read_ahead=False) for s in POLICY_SHARES for r in ROUTINGS
+    reading ahead and reading in turn at READ_AHEAD_SHARE."""
+    planned = [dict(share=s, routing=r, policy=DEFAULT_POLICY) for s in BUDGET_SHARES for r in ROUTINGS]
+    planned += [dict(share=s, routing=r, policy=p) for s in POLICY_SHARES for r in ROUTINGS
                 for p in POLICIES if p != DEFAULT_POLICY]
-    planned += [dict(share=READ_AHEAD_SHARE, routing=r, policy=DEFAULT_POLICY, read_ahead=True) for r in ROUTINGS]
+    planned += [dict(share=READ_AHEAD_SHARE, routing=r, policy=DEFAULT_POLICY, **change) for r in ROUTINGS
+                for change in ({"read_ahead": True}, {"overlap": False})]
+    planned = [{"read_ahead": False, "overlap": True, **run} for run in planned]
     for run in planned:
         run["budget"] = None if run["share"] == 1.0 else int(run["share"] * weights)
     return planned
@@ -150,7 +153,8 @@ def run_budget_bench(options: BenchOptions, on_step: Callable[[str, int, int], N
     rows = []
     for done, run in enumerate(planned):
         on_step(f"{run['share']:.0%} of the weights, {run['routing']} routing, {run['policy']}"
-                f"{', read-ahead' if run['read_ahead'] else ''}", done, len(planned))
+                f"{', read-ahead' if run['read_ahead'] else ''}{'' if run['overlap'] else ', misses read in turn'}",
+                done, len(planned))
         task = dict(kind="memory-budget", model=str(model_dir), threads=options.threads,
                     prompt_tokens=options.prompt_tokens, decode_tokens=options.decode_tokens, **run)
         rows.append({**run, **run_child(task)})
@@ -173,12 +177,13 @@ def budget_tables(result: dict, markdown: bool = False) -> list:
                         f"{facts['weights_gb']:.2f} GB, minimum budget {facts['minimum_gb']:.2f} GB "
                         f"(zipf: router bias, exponent {facts['zipf_exponent']:g}, assumed)",
                   box=box.MARKDOWN if markdown else box.SIMPLE_HEAD)
-    for column in ("budget", "routing", "top 10% of experts", "eviction", "read-ahead", "decode tok/s",
+    for column in ("budget", "routing", "top 10% of experts", "eviction", "read-ahead", "misses read", "decode tok/s",
                    "hit rate", "MB read/token", "peak RSS GB"):
         table.add_column(column, justify="left" if column in ("routing", "eviction") else "right")
     for r in facts["runs"]:
         ahead = f"on ({r['read_ahead_right']:.0%} right)" if r["read_ahead"] else "off"
         table.add_row(f"{r['share']:.0%}", r["routing"], f"{r['top_tenth_share']:.0%} of choices",
-                      r["policy"] if r["budget"] else "-", ahead if r["budget"] else "-", f"{r['decode_tps']:.2f}",
+                      r["policy"] if r["budget"] else "-", ahead if r["budget"] else "-",
+                      ("while computing" if r["overlap"] else "in turn") if r["budget"] else "-", f"{r['decode_tps']:.2f}",
                       f"{r['hit_rate']:.1%}", f"{r['mb_read_per_token']:.1f}", f"{r['peak_rss_gb']:.2f}")
     return [table]

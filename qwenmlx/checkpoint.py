@@ -294,13 +294,15 @@ def load_model(
     memory_budget: int | None = None,
     expert_policy: str = DEFAULT_POLICY,
     read_ahead: bool = False,
+    overlap_reads: bool = True,
 ) -> tuple[Model, Path]:
     """Build the model its config.json describes and fill it from the checkpoint's safetensors.
 
     threads: CPU cores the large matmuls are split over (default: all; ignored on a GPU).
     memory_budget: bytes the weights may take; when they need more, the experts are streamed from the
     files through slots that fit it (experts.py), evicting by expert_policy (experts.POLICIES); read_ahead: also
-    read the next layer's likely experts while a layer computes.
+    read the next layer's likely experts while a layer computes; overlap_reads: read a step's misses on
+    reader threads while the experts found in slots are computed.
     """
     model_dir = resolve_model_dir(path_or_hub_id)
     config = read_config(model_dir)
@@ -315,7 +317,7 @@ def load_model(
     dtype = dtype or compute_dtype()
     if memory_budget is not None:
         streamed = stream_experts(model, tensor_index(model_dir), weights_in_memory(model_dir, dtype),
-                                  memory_budget, dtype, expert_policy, read_ahead)
+                                  memory_budget, dtype, expert_policy, read_ahead, overlap_reads)
         weights = {k: v for k, v in weights.items() if not k.startswith(streamed)}
     weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)

@@ -29,6 +29,7 @@ STREAM_THROUGH_MIN_PAIRS = 64  # from this many (token, expert) pairs, streamed 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 POLICIES = ("global-lru", "lru", "lfu")  # one pool of all layers' slots; a quota per layer
 DEFAULT_POLICY = "lru"
+READERS = 4  # threads reading experts at once (pread releases the GIL; an SSD serves several reads at a time)
 MX_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "U32": mx.uint32, "U8": mx.uint8,
              "I32": mx.int32}
 
@@ -289,16 +290,19 @@ class StreamedExperts(nn.Module):
     """One MoE layer's experts (the layer-th) in a pool's slots, `quota` of them its own or a share of a
     pool of all layers, read from the checkpoint's files on a miss.
 
-    With read_ahead_for (the next MoE layer's router and experts), each decode step also guesses the next
-    layer's experts by applying its router to this layer's input, and a reader thread reads the guessed
-    misses while this layer computes.
+    With a reader (threads), a decode step's misses are read all at once on it, and a single token's
+    experts found in slots are computed meanwhile, its misses once they are in; without, the misses are
+    read in turn before anything is computed. With read_ahead_for (the next MoE layer's router and
+    experts), each decode step also guesses the next layer's experts by applying its router to this
+    layer's input, and the reader reads the guessed misses while this layer computes.
     """
 
     cores = NO_CORES
 
-    def __init__(self, files: ExpertFiles, pool: SlotPool, layer: int, quota: int):
+    def __init__(self, files: ExpertFiles, pool: SlotPool, layer: int, quota: int,
+                 reader: ThreadPoolExecutor | None = None):
         super().__init__()
-        self._files, self._pool, self._layer, self._quota = files, pool, layer, quota
+        self._files, self._pool, self._layer, self._quota, self._reader = files, pool, layer, quota, reader
         self._next: tuple | None = None  # (router block, StreamedExperts, reader) of the next MoE layer
         self._ahead: dict[int, Future] = {}  # experts being read ahead: their bytes
         self.counts = StreamCounts()
@@ -317,10 +321,27 @@ class StreamedExperts(nn.Module):
         if self._next is not None:  # first, so the reader works while this layer reads and computes
             router, following, reader = self._next
             following.read_ahead(np.unique(np.array(router.route(x)[1])).tolist(), reader)
-        layers, slot_of = self._fill_slots(experts)
-        slot_ids = np.zeros(max(experts) + 1, np.int64)
-        slot_ids[experts] = [slot_of[e] for e in experts]
-        return ExpertsSwiGLU.holding(layers, self.cores)(x, mx.array(slot_ids[wanted].astype(np.uint32)))
+        placed, reads = self._pool.table.place([(self._layer, e) for e in experts])
+        self.counts.hits += len(experts) - len(reads)
+        self.counts.misses += len(reads)
+        pending = [self._start_read(e) for (_, e), _ in reads]
+        slot_ids = np.zeros(max(experts) + 1, np.uint32)
+        slot_ids[experts] = [placed[self._layer, e] for e in experts]
+        slot_ids = slot_ids[wanted]
+        missed = np.isin(wanted, [e for (_, e), _ in reads])
+        if self._reader is None or wanted.size > wanted.shape[-1] or missed.all() or not missed.any():
+            self._write(pending, reads)
+            return self._compute(x, slot_ids)
+        # One token, some experts in slots: computed while its misses are read, the misses after.
+        hits, misses = np.flatnonzero(~missed.reshape(-1)), np.flatnonzero(missed.reshape(-1))
+        found = self._compute(x, slot_ids[..., hits])
+        mx.async_eval(found)
+        self._write(pending, reads, computing=found)
+        out = mx.concatenate([found, self._compute(x, slot_ids[..., misses])], axis=-2)
+        return out[..., mx.array(np.argsort(np.concatenate([hits, misses]))), :]
+
+    def _compute(self, x: mx.array, slot_ids: np.ndarray) -> mx.array:
+        return ExpertsSwiGLU.holding(self._pool.arrays, self.cores)(x, mx.array(slot_ids))
 
     def _stream_through(self, x: mx.array, wanted: np.ndarray, experts: list[int]) -> mx.array:
         """Many tokens (prefill): the experts they use read once, in expert order, `slots` at a time, each
@@ -351,29 +372,32 @@ class StreamedExperts(nn.Module):
             if (self._layer, e) not in held and e not in self._ahead:
                 self._ahead[e] = reader.submit(self._files.read_bytes, [e])
 
-    def _fill_slots(self, experts: list[int]) -> tuple[dict[str, nn.Module], dict[int, int]]:
-        """The slot arrays holding these experts and {expert: slot} (misses read in, or taken from what
-        was read ahead)."""
-        placed, reads = self._pool.table.place([(self._layer, e) for e in experts])
-        self.counts.hits += len(experts) - len(reads)
-        self.counts.misses += len(reads)
-        ahead, self._ahead = self._ahead, {}
-        if reads:
-            self.counts.bytes_read += len(reads) * self._files.expert_bytes
-            read = []
-            for (_, e), _ in reads:
-                if e in ahead:
-                    read.append(ahead.pop(e).result())
-                    self.counts.read_ahead_used += 1
-                else:
-                    read.append(self._files.read_bytes([e]))
-            self._pool.write(self._files.layers({key: np.concatenate([r[key] for r in read]) for key in read[0]}),
-                             [s for _, s in reads])
-        for guess in ahead.values():  # guessed wrong: dropped, read or not
+    def _start_read(self, expert: int) -> Future:
+        """Its bytes: being read ahead, or now on the reader, or read here and now without one."""
+        if expert in self._ahead:
+            self.counts.read_ahead_used += 1
+            return self._ahead.pop(expert)
+        if self._reader is not None:
+            return self._reader.submit(self._files.read_bytes, [expert])
+        done = Future()
+        done.set_result(self._files.read_bytes([expert]))
+        return done
+
+    def _write(self, pending: list[Future], reads: list[tuple], computing: mx.array | None = None) -> None:
+        """Once read, the misses into their slots (after `computing`, which uses the slots: the slot arrays
+        are then updated in place rather than copied); guesses read ahead in vain dropped."""
+        if pending:
+            self.counts.bytes_read += len(pending) * self._files.expert_bytes
+            read = [future.result() for future in pending]
+            layers = self._files.layers({key: np.concatenate([r[key] for r in read]) for key in read[0]})
+            if computing is not None:
+                mx.eval(computing)
+            self._pool.write(layers, [s for _, s in reads])
+        for guess in self._ahead.values():
             if not guess.cancel():
                 self.counts.read_ahead_unused += 1
                 self.counts.bytes_read += self._files.expert_bytes
-        return self._pool.arrays, {e: s for (_, e), s in placed.items()}
+        self._ahead = {}
 
 
 # --- the budget ---
@@ -452,12 +476,13 @@ def expert_budget(index: dict, config: ModelConfig, weights_bytes: int, dtype: m
 
 
 def stream_experts(model: nn.Module, index: dict, weights_bytes: int, budget: int, dtype: mx.Dtype,
-                   policy: str = DEFAULT_POLICY, read_ahead: bool = False) -> tuple[str, ...]:
+                   policy: str = DEFAULT_POLICY, read_ahead: bool = False, overlap: bool = True) -> tuple[str, ...]:
     """Give each MoE layer streamed experts whose slots fit `budget` bytes of weights in all (the whole model
     needs weights_bytes): as many slots per layer, in one pool shared by all (global-lru: the least recently
     used expert of any layer is evicted) or in a pool of each layer's own (lru, lfu), with read_ahead
-    reading the next layer's guessed experts ahead; the weight names they read themselves, as prefixes
-    (none when everything fits)."""
+    reading the next layer's guessed experts ahead and overlap reading a step's misses on READERS threads
+    while what it found is computed; the weight names they read themselves, as prefixes (none when
+    everything fits)."""
     if policy not in POLICIES:
         raise QwenMLXError(f"expert policy {policy!r}: must be one of {', '.join(POLICIES)}")
     c = model.config
@@ -474,12 +499,12 @@ def stream_experts(model: nn.Module, index: dict, weights_bytes: int, budget: in
         sharing = list(layouts.values())
     else:
         sharing = [[i] for i in moe_layers]
+    reader = ThreadPoolExecutor(READERS, thread_name_prefix="qwenmlx-expert-reader") if overlap or read_ahead else None
     for layers in sharing:
         pool = SlotPool(slots * len(layers), policy.removeprefix("global-"))
         for i in layers:
-            model.layers[i].mlp.switch_mlp = StreamedExperts(files[i], pool, i, slots)
+            model.layers[i].mlp.switch_mlp = StreamedExperts(files[i], pool, i, slots, reader if overlap else None)
     if read_ahead:
-        reader = ThreadPoolExecutor(1, thread_name_prefix="qwenmlx-expert-reader")
         for i, j in zip(moe_layers, moe_layers[1:]):
             model.layers[i].mlp.switch_mlp.read_ahead_for(model.layers[j].mlp, model.layers[j].mlp.switch_mlp, reader)
     return tuple(f"model.layers.{i}.mlp.switch_mlp." for i in moe_layers)

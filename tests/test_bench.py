@@ -110,11 +110,12 @@ def test_memory_budget_bench_reports_each_budget_on_both_routings(tmp_path):
                            workdir=tmp_path / "work")
     result = run_budget_bench(options)
     runs = result["memory_budget"]["runs"]
-    assert [(r["share"], r["routing"], r["policy"], r["read_ahead"]) for r in runs] == [
-        *((s, routing, DEFAULT_POLICY, False) for s in (1.0, 0.75, 0.5, 0.35) for routing in ("uniform", "zipf")),
-        *((s, routing, policy, False) for s in (0.5, 0.35) for routing in ("uniform", "zipf")
+    assert [(r["share"], r["routing"], r["policy"], r["read_ahead"], r["overlap"]) for r in runs] == [
+        *((s, routing, DEFAULT_POLICY, False, True) for s in (1.0, 0.75, 0.5, 0.35) for routing in ("uniform", "zipf")),
+        *((s, routing, policy, False, True) for s in (0.5, 0.35) for routing in ("uniform", "zipf")
           for policy in ("global-lru", "lru", "lfu") if policy != DEFAULT_POLICY),
-        *((0.5, routing, DEFAULT_POLICY, True) for routing in ("uniform", "zipf"))]
+        *((0.5, routing, DEFAULT_POLICY, ahead, overlap) for routing in ("uniform", "zipf")
+          for ahead, overlap in ((True, True), (False, False)))]
     for r in runs:
         assert r["decode_tps"] > 0 and r["peak_rss_gb"] > 0 and 0 <= r["hit_rate"] <= 1 and 0 < r["top_tenth_share"] <= 1
         if r["budget"] is None:  # everything resident: nothing is read

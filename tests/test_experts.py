@@ -116,6 +116,16 @@ def test_reading_ahead_changes_neither_the_tokens_nor_what_the_slots_hold(moe_di
     assert ahead.bytes_read == plain.bytes_read + ahead.read_ahead_unused * one_expert
 
 
+def test_reading_misses_while_computing_changes_neither_the_tokens_nor_what_is_read(moe_dir):
+    runs = {}
+    for overlap in (False, True):
+        model, _ = load_model(moe_dir, memory_budget=budget_for(moe_dir, SLOTS), overlap_reads=overlap)
+        runs[overlap] = greedy(model, {}), stream_counts(model)
+    assert runs[True][0] == runs[False][0]
+    assert runs[True][1] == runs[False][1]
+    assert runs[True][1].hits > 0 and runs[True][1].misses > 0  # steps that both computed early and read
+
+
 def test_budget_below_the_minimum_is_one_line_naming_the_minimum(moe_dir):
     minimum = memory_budget_parts(moe_dir).minimum
     with pytest.raises(QwenMLXError, match=f"minimum of {minimum / 1e9:.3g} GB") as raised:
