@@ -91,13 +91,14 @@ def default_model_dir():
 
 
 def load_weights(model_dir, threads: int | None, memory_check: bool, context: int | None,
-                 memory_budget: str | None = None, **levers):
+                 memory_budget: str | None = None, prompt_cache_bytes: int = 0, **levers):
     """The model's weights, once the memory check (weights + KV cache at `context`) says they fit;
-    with a memory budget, experts streamed to keep within it."""
+    with a memory budget, experts streamed to keep within it (beside the KV cache and a prompt cache)."""
     from .checkpoint import load_model
     from .memory import check_memory, weights_budget
 
-    budget = None if memory_budget is None else weights_budget(model_dir, memory_budget, context, levers.get("kv_bits"))
+    budget = None if memory_budget is None else weights_budget(model_dir, memory_budget, context,
+                                                               levers.get("kv_bits"), prompt_cache_bytes)
     if memory_check:
         check_memory(model_dir, context, weights_budget=budget, **levers)
     return load_model(model_dir, threads=threads, memory_budget=budget)[0]
@@ -247,6 +248,7 @@ def serve(model: str = MODEL_OPTION,
 
     import uvicorn
 
+    from .memory import weights_budget
     from .server import Engine, LoadedModel, create_app
 
     if not 0 < port < 65536:
@@ -254,14 +256,18 @@ def serve(model: str = MODEL_OPTION,
     check_threads(threads)
     model_dir, tokenizer = open_model(model)
 
+    prompt_cache_bytes = int(prompt_cache_gb * 1e9)
+    if memory_budget is not None:  # the prompt cache counts inside the budget: refused before listening if it does not fit
+        weights_budget(model_dir, memory_budget, max_kv_size, kv_bits, prompt_cache_bytes)
+
     def load() -> LoadedModel:  # on the generation thread: MLX's streams belong to the thread that made them
-        llm = load_weights(model_dir, threads, memory_check, max_kv_size, memory_budget, kv_bits=kv_bits,
-                           context_option="--max-kv-size", kv_bits_option=True)
+        llm = load_weights(model_dir, threads, memory_check, max_kv_size, memory_budget, prompt_cache_bytes,
+                           kv_bits=kv_bits, context_option="--max-kv-size", kv_bits_option=True)
         return LoadedModel(llm, tokenizer, llm.fingerprint)
 
     name = Path(model_dir).name
     engine = Engine(load, name=name, max_kv_size=max_kv_size, kv_bits=kv_bits,
-                    prompt_cache_bytes=int(prompt_cache_gb * 1e9), max_tokens=max_tokens, max_queue=max_queue,
+                    prompt_cache_bytes=prompt_cache_bytes, max_tokens=max_tokens, max_queue=max_queue,
                     prefill_step=prefill_step, allow_scripted=os.environ.get("QWENMLX_TEST_HOOKS") == "1")
     # uvicorn says only what goes wrong; the engine logs each request, and the address once the model is ready
     # (so a model that fails to load gives one error line).
@@ -677,6 +683,7 @@ def summarize(
 
     from .destinations import check_output_file, write_text_atomically
     from .documents import read_document
+    from .memory import budget_limits, summary_context
     from .summarize import SummaryOptions
     from .summarize import summarize as summarize_document
 
@@ -693,12 +700,16 @@ def summarize(
         stderr.print(f"[yellow]note:[/yellow] {document.note}", highlight=False, soft_wrap=True)
     model_dir, tokenizer = open_model(model)
     with stderr.status(f"loading {model_dir}", spinner="dots") if not json_output else nullcontext():
-        # At least the answer must fit; the strategy then fits the document into what is left, in parts if need be.
-        llm = load_weights(model_dir, threads, memory_check, max_tokens * (2 if think else 1), memory_budget,
-                           context_option="--max-tokens")
+        # At least the answer must fit; the strategy then fits the document into what is left, in parts if need be
+        # (within a budget: into the KV cache's share of it).
+        context = answer = max_tokens * (2 if think else 1)
+        if memory_budget is not None:
+            context = summary_context(model_dir, memory_budget, answer)
+        llm = load_weights(model_dir, threads, memory_check, context, memory_budget, context_option="--max-tokens")
+    limits = None if memory_budget is None else budget_limits(model_dir, memory_budget, context)
     progress = None if json_output else SummaryBars()
     try:
-        summary = summarize_document(llm, tokenizer, document, options, progress=progress)
+        summary = summarize_document(llm, tokenizer, document, options, progress=progress, limits=limits)
     finally:
         if progress is not None and not progress.streaming:
             progress.close()

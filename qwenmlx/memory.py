@@ -63,17 +63,36 @@ def check_memory(model_dir: Path, context: int | None = None, *, kv_bits: int | 
 
 
 def weights_budget(model_dir: Path, memory_budget: int | str, context: int | None = None,
-                   kv_bits: int | None = None) -> int:
+                   kv_bits: int | None = None, prompt_cache_bytes: int = 0) -> int:
     """What a memory budget (bytes or "10GB") leaves the weights once the KV cache for `context` tokens
-    (default: the whole window) is set aside; one that cannot hold the model's minimum is refused naming it."""
+    (default: the whole window) and a server's prompt cache are set aside; one that cannot hold the model's
+    minimum is refused naming it."""
     total = parse_budget(memory_budget)
     context = context or read_config(model_dir).max_position_embeddings
     kv = model_limits(model_dir).kv_cache_bytes(context, kv_bits)
     minimum = memory_budget_parts(model_dir).minimum
-    if total - kv < minimum:
-        raise QwenMLXError(f"memory budget {_gb(total)} is below the {_gb(minimum + kv)} {model_dir.name} needs at "
-                           f"least: its weights' minimum {_gb(minimum)} + KV cache {_gb(kv)} for {context:,} tokens")
-    return total - kv
+    if total - kv - prompt_cache_bytes < minimum:
+        kept = f" + prompt cache {_gb(prompt_cache_bytes)}" if prompt_cache_bytes else ""
+        raise QwenMLXError(f"memory budget {_gb(total)} is below the {_gb(minimum + kv + prompt_cache_bytes)} "
+                           f"{model_dir.name} needs at least: its weights' minimum {_gb(minimum)} + KV cache "
+                           f"{_gb(kv)} for {context:,} tokens{kept}")
+    return total - kv - prompt_cache_bytes
+
+
+def summary_context(model_dir: Path, memory_budget: int | str, answer_tokens: int) -> int:
+    """The tokens summarise sets the KV cache aside for within a memory budget: the native window, or as
+    many as the budget holds beside the weights' minimum; at least the answer's (weights_budget refuses
+    a budget short of that)."""
+    limits = model_limits(model_dir, budget=parse_budget(memory_budget))
+    beside_minimum = replace(limits, weights_bytes=memory_budget_parts(model_dir).minimum)
+    return max(min(limits.native_context, beside_minimum.context_fitting(None)), answer_tokens)
+
+
+def budget_limits(model_dir: Path, memory_budget: int | str, context: int) -> Limits:
+    """The summarise strategy's limits within a memory budget: all of it for the weights and the KV cache,
+    the weights taking what weights_budget leaves them (so the cache gets the share set aside)."""
+    limits = model_limits(model_dir, budget=parse_budget(memory_budget))
+    return replace(limits, weights_bytes=weights_budget(model_dir, memory_budget, context))
 
 
 def _round_down(n_bytes: int) -> int:

@@ -191,6 +191,8 @@ ROWS = [
     Row("memory-budget-below-the-minimum", (*GENERATE, "--memory-budget", "1MB"), "needs at least"),
     Row("memory-budget-below-the-minimum-in-summarize", (*SUMMARIZE, "--memory-budget", "1MB"),
         "needs at least", files=SHORT_DOCUMENT),
+    Row("memory-budget-without-room-for-the-prompt-cache", ("serve", "-m", "{model}", "--memory-budget", "100MB",
+                                                           "--prompt-cache-gb", "1"), "prompt cache 1 GB"),
 ]
 
 

@@ -20,8 +20,10 @@ from qwenmlx.convert import convert
 from qwenmlx.errors import QwenMLXError
 from qwenmlx.experts import SlotTable, StreamedExperts, parse_budget, stream_counts
 from qwenmlx.generate import generate_tokens
-from qwenmlx.memory import check_memory, model_limits, weights_budget, weights_in_memory
+from qwenmlx.memory import budget_limits, check_memory, model_limits, summary_context, weights_budget, weights_in_memory
+from qwenmlx.strategy import MAP_REDUCE, SINGLE_PASS, choose_strategy
 from tests.checkpoints import TINY_MOE, write_hf_checkpoint
+from tests.documents import CHINESE
 from tests.errors import one_line_error
 
 GROUP_SIZE = 32  # the tiny experts' down_proj has 32 inputs
@@ -181,6 +183,37 @@ def test_generate_with_a_memory_budget_says_what_it_says_without(moe_dir):
     streamed = CliRunner().invoke(app, [*argv, "--memory-budget", f"{(minimum + 10**6) // 1000}KB"])
     assert loaded.exit_code == streamed.exit_code == 0, streamed.output
     assert streamed.stdout == loaded.stdout
+
+
+def test_summarize_under_a_budget_plans_within_its_kv_share(moe_dir):
+    kv_for_1024 = model_limits(moe_dir).kv_cache_bytes(1024)
+    budget = memory_budget_parts(moe_dir).minimum + kv_for_1024
+    context = summary_context(moe_dir, budget, answer_tokens=64)
+    assert 64 <= context <= 1024  # the native window (4,096) does not fit beside the weights' minimum
+    limits = budget_limits(moe_dir, budget, context)
+    assert limits.memory_budget == budget and limits.context_fitting(None) >= context
+    for document_tokens in (context // 2, 4 * context):
+        plan = choose_strategy(document_tokens, 64, limits)
+        assert plan.strategy == (MAP_REDUCE if document_tokens > context else SINGLE_PASS)
+        assert plan.strategy == MAP_REDUCE or plan.memory_needed <= budget
+
+
+def test_summarize_with_a_budget_plans_every_step_within_it(moe_dir):
+    budget = memory_budget_parts(moe_dir).minimum + model_limits(moe_dir).kv_cache_bytes(512)
+    result = CliRunner().invoke(app, ["summarize", str(CHINESE), "-m", str(moe_dir), "--max-tokens", "4",
+                                      "--memory-budget", str(budget), "--json"])
+    assert result.exit_code == 0, result.output
+    plans = json.loads(result.stdout)["plans"]
+    assert plans[0]["strategy"] == MAP_REDUCE  # its 2,000+ tokens exceed the KV cache's share, even at 8 bits
+    assert all(p["memory_budget"] == budget for p in plans)
+    assert all(p["memory_needed"] <= budget for p in plans if p["strategy"] != MAP_REDUCE)
+
+
+def test_serve_counts_its_prompt_cache_inside_the_budget(moe_dir):
+    parts, kv = memory_budget_parts(moe_dir), model_limits(moe_dir).kv_cache_bytes(256)
+    assert weights_budget(moe_dir, parts.minimum + kv + 10**6, 256, prompt_cache_bytes=10**6) == parts.minimum
+    with pytest.raises(QwenMLXError, match="prompt cache 0.001 GB"):
+        weights_budget(moe_dir, parts.minimum + kv + 10**6, 256, prompt_cache_bytes=10**6 + 1)
 
 
 PEAK_RSS_CHILD = """
