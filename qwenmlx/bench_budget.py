@@ -127,7 +127,7 @@ def runs(weights: int) -> list[dict]:
     planned += [dict(share=s, routing=r, policy=p) for s in POLICY_SHARES for r in ROUTINGS
                 for p in POLICIES if p != DEFAULT_POLICY]
     planned += [dict(share=READ_AHEAD_SHARE, routing=r, policy=DEFAULT_POLICY, **change) for r in ROUTINGS
-                for change in ({"read_ahead": True}, {"overlap": False})]
+                for change in ({"read_ahead": True}, {"overlap": True}, {"overlap": False})]  # the last two back to back
     planned = [{"read_ahead": False, "overlap": True, **run} for run in planned]
     for run in planned:
         run["budget"] = None if run["share"] == 1.0 else int(run["share"] * weights)

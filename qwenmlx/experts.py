@@ -1,13 +1,15 @@
 """The experts of an MoE layer: all resident, or streamed from the safetensors files under a memory budget.
 
 A decoded token uses top_k of num_experts experts per layer, so under a budget everything but the experts
-stays in memory and each MoE layer keeps a few experts in slots. When the router picks experts that are
-not in a slot, their rows are read from the checkpoint at their byte offsets into slots (evicting the least
-recently or least often used), and the same gather matmul runs over the slot array with the ids remapped
-to slots. Each (token, expert) row is the same dot product either way, so the results are bitwise those of
-the fully loaded model. On request, a reader thread reads the next layer's likely experts (its router
-applied to this layer's input) while this layer computes. Prefill (many tokens touch most experts) streams the experts its
-chunk uses through once, in expert order, a layer's slots' worth at a time, without disturbing the slots.
+stays in memory and the MoE layers keep a few experts in slots: one pool shared by all layers, or a quota
+of each layer's own. When the router picks experts that are not in a slot, their rows are read from the
+checkpoint at their byte offsets into slots (evicting the least recently or least often used), on reader
+threads while the experts found in slots are computed, and the same gather matmul runs over the slot
+array with the ids remapped to slots. Each (token, expert) row is the same dot product either way, so
+the results are bitwise those of the fully loaded model. On request, the readers also read the next
+layer's likely experts (its router applied to this layer's input) while this layer computes. Prefill
+(many tokens touch most experts) streams the experts its chunk uses through once, in expert order, a
+layer's quota at a time, without disturbing the slots.
 """
 
 import copy
@@ -28,7 +30,7 @@ from .parallel import NO_CORES
 STREAM_THROUGH_MIN_PAIRS = 64  # from this many (token, expert) pairs, streamed experts are read through once (prefill)
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 POLICIES = ("global-lru", "lru", "lfu")  # one pool of all layers' slots; a quota per layer
-DEFAULT_POLICY = "lru"
+DEFAULT_POLICY = "lfu"  # read the least of the three in every budget bench run (README: Smaller than the weights)
 READERS = 4  # threads reading experts at once (pread releases the GIL; an SSD serves several reads at a time)
 MX_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "U32": mx.uint32, "U8": mx.uint8,
              "I32": mx.int32}

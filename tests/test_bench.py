@@ -115,7 +115,7 @@ def test_memory_budget_bench_reports_each_budget_on_both_routings(tmp_path):
         *((s, routing, policy, False, True) for s in (0.5, 0.35) for routing in ("uniform", "zipf")
           for policy in ("global-lru", "lru", "lfu") if policy != DEFAULT_POLICY),
         *((0.5, routing, DEFAULT_POLICY, ahead, overlap) for routing in ("uniform", "zipf")
-          for ahead, overlap in ((True, True), (False, False)))]
+          for ahead, overlap in ((True, True), (False, True), (False, False)))]
     for r in runs:
         assert r["decode_tps"] > 0 and r["peak_rss_gb"] > 0 and 0 <= r["hit_rate"] <= 1 and 0 < r["top_tenth_share"] <= 1
         if r["budget"] is None:  # everything resident: nothing is read
