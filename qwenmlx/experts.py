@@ -346,7 +346,7 @@ class StreamedExperts(nn.Module):
         return ExpertsSwiGLU.holding(self._pool.arrays, self.cores)(x, mx.array(slot_ids))
 
     def _stream_through(self, x: mx.array, wanted: np.ndarray, experts: list[int]) -> mx.array:
-        """Many tokens (prefill): the experts they use read once, in expert order, `slots` at a time, each
+        """Many tokens (prefill): the experts they use read once, in expert order, `quota` at a time, each
         group's (token, expert) rows computed before the next group is read; the slots are left as they are.
 
         Each row is its own dot product whichever rows it is computed with, so grouping changes no bit.
