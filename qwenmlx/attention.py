@@ -21,7 +21,7 @@ import mlx.nn as nn
 from .config import ModelConfig
 from .cpu_streams import NO_CORES
 from .errors import QwenMLXError
-from .fused import concatenate_rows
+from .fusion import concatenate_rows
 from .rope import RoPE
 
 

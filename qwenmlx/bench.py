@@ -394,6 +394,10 @@ def child(task: dict) -> dict:
 
     if task["kind"] == "bandwidth":
         return {"read_gbps": read_bandwidth_gbps(task["gigabytes"])}
+    if task["kind"] == "memory-budget":
+        from .bench_budget import measure
+
+        return measure(task)
     side = SIDE_CLASSES[task["side"]]
     start = time.perf_counter()
     model = side.load(task["model"], getattr(mx, task["dtype"]) if task["dtype"] else None, task["threads"])
@@ -581,7 +585,8 @@ def is_bench_result(path: Path) -> bool:
         result = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(result, dict) and {"machine", "options", "generation"} <= result.keys()
+    return isinstance(result, dict) and {"machine", "options"} <= result.keys() and \
+        bool({"generation", "memory_budget"} & result.keys())
 
 
 def check_results_file(path: str | Path, config: Path) -> Path:

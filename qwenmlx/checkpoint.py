@@ -8,8 +8,10 @@ then in the compute dtype.
 
 import hashlib
 import json
+import math
 import re
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -20,6 +22,7 @@ from .attention import check_past_window
 from .config import ModelConfig, read_config, with_qwen_dual_chunk
 from .cpu_streams import Cores
 from .errors import QwenMLXError
+from .experts import DEFAULT_POLICY, ExpertBudget, expert_budget, parse_budget, stream_experts
 from .model import Model
 from .tokenizer import Tokenizer
 
@@ -28,6 +31,7 @@ SAFETENSORS_DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
     "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
 }
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 
 
 def resolve_model_dir(path_or_hub_id: str | Path) -> Path:
@@ -60,6 +64,11 @@ def resolve_model_dir(path_or_hub_id: str | Path) -> Path:
 
 def safetensors_header(path: Path) -> dict:
     """The JSON header of a .safetensors file, checked against the file's size (catches truncation)."""
+    return safetensors_layout(path)[0]
+
+
+def safetensors_layout(path: Path) -> tuple[dict, int]:
+    """(the checked header, the byte offset in the file where the tensors' data begins)."""
     try:
         with open(path, "rb") as f:
             size_bytes = f.read(8)
@@ -88,7 +97,47 @@ def safetensors_header(path: Path) -> dict:
             raise QwenMLXError(f"{path}: corrupted safetensors header (entry {name!r})") from None
         if end > data_len or end - begin != n_elements * n_bytes:
             raise QwenMLXError(f"{path}: truncated or corrupted safetensors file (tensor {name!r} runs past the data)")
-    return header
+    return header, 8 + header_len
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    """Where one tensor's bytes lie: enough to read it alone, at its offset, without loading its file."""
+
+    file: Path
+    offset: int  # from the start of the file
+    nbytes: int
+    dtype: str  # safetensors' name
+    shape: tuple[int, ...]
+
+    def split(self, n: int) -> list["TensorLocation"]:
+        """The n equal pieces along the first axis (the experts of a stacked tensor)."""
+        size = self.nbytes // n
+        return [TensorLocation(self.file, self.offset + i * size, size, self.dtype, self.shape[1:]) for i in range(n)]
+
+    def bytes_in_memory(self, dtype: mx.Dtype) -> int:
+        """Its size once loaded to compute in dtype: floating tensors in dtype, packed ones as stored."""
+        if self.dtype in FLOAT_DTYPES:
+            return math.prod(self.shape) * dtype.size
+        return self.nbytes
+
+
+def tensor_index(model_dir: Path) -> dict[str, TensorLocation]:
+    """Every tensor of the checkpoint by name, with where its bytes are (from the safetensors headers)."""
+    index = {}
+    for path in weight_files(model_dir):
+        header, data_start = safetensors_layout(path)
+        for name, info in header.items():
+            if name != "__metadata__":
+                begin, end = info["data_offsets"]
+                index[name] = TensorLocation(path, data_start + begin, end - begin, info["dtype"], tuple(info["shape"]))
+    return index
+
+
+def weights_in_memory(model_dir: Path, dtype: mx.Dtype) -> int:
+    """Bytes the checkpoint's weights take once loaded to compute in dtype."""
+    config = read_config(model_dir)
+    return sum(t.bytes_in_memory(dtype) for name, t in tensor_index(model_dir).items() if not is_dropped(name, config))
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -214,6 +263,12 @@ def compute_dtype() -> mx.Dtype:
     return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
 
 
+def memory_budget_parts(model_dir: str | Path, dtype: mx.Dtype | None = None) -> ExpertBudget:
+    """How a memory budget for this checkpoint's weights divides (its minimum, the slots a budget gives)."""
+    model_dir, dtype = Path(model_dir), dtype or compute_dtype()
+    return expert_budget(tensor_index(model_dir), read_config(model_dir), weights_in_memory(model_dir, dtype), dtype)
+
+
 def check_weights(model: Model, weights: dict[str, mx.array], model_dir: Path) -> None:
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
@@ -240,6 +295,10 @@ def load_model(
     self_extend: dict | None = None,
     dual_chunk: bool = False,
     sparse_prefill: bool = False,
+    memory_budget: int | None = None,
+    expert_policy: str = DEFAULT_POLICY,
+    read_ahead: bool = False,
+    overlap_reads: bool = True,
 ) -> tuple[Model, Path]:
     """Build the model its config.json describes and fill it from the checkpoint's safetensors.
 
@@ -247,6 +306,10 @@ def load_model(
     self_extend: {"group_size": G, "window": W} runs SelfExtend attention (attention.py).
     dual_chunk: Qwen's dual chunk attention on a 2507 model, as its config_1m.json would (attention.py).
     sparse_prefill: dual chunk attention's prefill follows the config's sparse_attention_config (MInference).
+    memory_budget: bytes the weights may take; when they need more, the experts are streamed from the
+    files through slots that fit it (experts.py), evicting by expert_policy (experts.POLICIES); read_ahead: also
+    read the next layer's likely experts while a layer computes; overlap_reads: read a step's misses on
+    reader threads while the experts found in slots are computed.
     """
     check_past_window(self_extend, dual_chunk)
     model_dir = resolve_model_dir(path_or_hub_id)
@@ -272,6 +335,10 @@ def load_model(
     check_weights(model, weights, model_dir)
 
     dtype = dtype or compute_dtype()
+    if memory_budget is not None:
+        streamed = stream_experts(model, tensor_index(model_dir), weights_in_memory(model_dir, dtype),
+                                  memory_budget, dtype, expert_policy, read_ahead, overlap_reads)
+        weights = {k: v for k, v in weights.items() if not k.startswith(streamed)}
     weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
     del weights  # the model now holds the only references, so fusing frees each original once it is joined
@@ -288,18 +355,20 @@ def load_model(
 
 def load(path_or_hub_id: str | Path, *, rope_scaling: dict | None = None, dtype: mx.Dtype | None = None,
          threads: int | None = None, self_extend: dict | None = None, dual_chunk: bool = False,
-         sparse_prefill: bool = False):
+         sparse_prefill: bool = False, memory_budget: int | str | None = None):
     """(model, tokenizer) from a local dir or a Hub id; rope_scaling overrides the config's (e.g. YaRN factor 4).
 
     self_extend: {"group_size": G, "window": W} reads ~G times past the trained window (attention.py);
     dual_chunk: dual chunk attention with Qwen's settings, to 1M tokens on a 2507 model;
     sparse_prefill: its prefill sparse, as the config's sparse_attention_config says (attention.SparsePrefill).
+    memory_budget: bytes (or "10GB") the weights may take; the experts are streamed from disk to fit it.
 
     The tokenizer comes first: a broken tokenizer or chat template is reported before any weight is read.
     """
     model_dir = resolve_model_dir(path_or_hub_id)
     tokenizer = Tokenizer.from_dir(model_dir)
-    model, _ = load_model(model_dir, rope_scaling=rope_scaling, dtype=dtype, threads=threads,
+    budget = None if memory_budget is None else parse_budget(memory_budget)
+    model, _ = load_model(model_dir, rope_scaling=rope_scaling, dtype=dtype, threads=threads, memory_budget=budget,
                           self_extend=self_extend, dual_chunk=dual_chunk, sparse_prefill=sparse_prefill)
     return model, tokenizer
 

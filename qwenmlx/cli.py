@@ -92,24 +92,30 @@ def default_model_dir():
 
 
 def load_weights(model_dir, threads: int | None, memory_check: bool, context: int | None,
-                 attention: dict | None = None, ranks=None, **levers):
+                 attention: dict | None = None, ranks=None, memory_budget: str | None = None,
+                 prompt_cache_bytes: int = 0, **levers):
     """The model's weights (this rank's share under mlx.launch), once the memory check says they fit.
 
     The check counts weights + KV cache at `context` against this machine's memory times the ranks.
-    attention: load_model's self_extend and dual_chunk, as attention_options gives them.
+    attention: load_model's self_extend and dual_chunk, as attention_options gives them. memory_budget:
+    the experts streamed from disk to keep within it, beside the KV cache and a prompt cache of prompt_cache_bytes.
     """
     from .checkpoint import load_model
     from .distributed import load_sharded
     from .generate import available_memory
-    from .memory import check_memory
+    from .memory import check_memory, weights_budget
 
     size = ranks.size if ranks is not None else 1
+    budget = None if memory_budget is None else weights_budget(model_dir, memory_budget, context,
+                                                               levers.get("kv_bits"), prompt_cache_bytes)
     if memory_check:
-        check_memory(model_dir, context, attention=attention,
+        check_memory(model_dir, context, attention=attention, weights_budget=budget,
                      budget=available_memory() * size if size > 1 else None, **levers)
     if size > 1:
+        if budget is not None:
+            raise QwenMLXError("--memory-budget: not under mlx.launch (each rank holds its own share of the experts)")
         return load_sharded(model_dir, ranks, threads=threads, **(attention or {}))
-    return load_model(model_dir, threads=threads, **(attention or {}))[0]
+    return load_model(model_dir, threads=threads, memory_budget=budget, **(attention or {}))[0]
 
 
 def attention_options(self_extend: str | None, dual_chunk: bool, sparse_prefill: bool) -> dict:
@@ -139,6 +145,8 @@ MODEL_OPTION = typer.Option(None, "--model", "-m", help="A model directory, a na
                                                        "(default: the pulled Qwen3-30B-A3B, experts-4).")
 MEMORY_CHECK_OPTION = typer.Option(True, "--memory-check/--no-memory-check",
                                    help="Refuse a model whose weights and KV cache do not fit in memory.")
+MEMORY_BUDGET_OPTION = typer.Option(None, "--memory-budget", help="Keep weights and KV cache within this size "
+                                    "(e.g. 10GB): experts are read from disk as the router picks them.")
 TEMP_OPTION = typer.Option(None, "--temp", help="Temperature; 0 is greedy. Default: Qwen's guidance for the mode.")
 TOP_P_OPTION = typer.Option(None, "--top-p")
 TOP_K_OPTION = typer.Option(None, "--top-k")
@@ -187,7 +195,7 @@ def generate(prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt,
              threads: int = THREADS_OPTION, memory_check: bool = MEMORY_CHECK_OPTION,
              self_extend: str = SELF_EXTEND_OPTION, dual_chunk: bool = DUAL_CHUNK_OPTION,
              sparse_prefill: bool = SPARSE_PREFILL_OPTION,
-             parallel: str = PARALLEL_OPTION,
+             parallel: str = PARALLEL_OPTION, memory_budget: str = MEMORY_BUDGET_OPTION,
              json_output: bool = typer.Option(False, "--json", help="Print JSON with the text, token counts, speeds.")):
     """One answer to one prompt, for scripts: the text on stdout (or JSON)."""
     import json
@@ -209,7 +217,7 @@ def generate(prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt,
     sampling = default_sampling(tokenizer.thinks(think), tokenizer.generation_config, **options)
     pieces, stats = [], None
     with peers_lost_as_errors(ranks):
-        llm = load_weights(model_dir, threads, memory_check, len(tokens) + max_tokens, attention, ranks,
+        llm = load_weights(model_dir, threads, memory_check, len(tokens) + max_tokens, attention, ranks, memory_budget,
                            prompt_tokens=len(tokens), context_option="--max-tokens")
         for step in stream_generate(llm, tokenizer, tokens, sampling=sampling, max_tokens=max_tokens,
                                     thinking_budget=thinking_budget, prefill_step=prefill_step):
@@ -241,7 +249,7 @@ def chat(model: str = MODEL_OPTION,
          thinking_budget: int = BUDGET_OPTION, prefill_step: int = PREFILL_OPTION, threads: int = THREADS_OPTION,
          memory_check: bool = MEMORY_CHECK_OPTION, self_extend: str = SELF_EXTEND_OPTION,
          dual_chunk: bool = DUAL_CHUNK_OPTION, sparse_prefill: bool = SPARSE_PREFILL_OPTION,
-         parallel: str = PARALLEL_OPTION):
+         parallel: str = PARALLEL_OPTION, memory_budget: str = MEMORY_BUDGET_OPTION):
     """Chat in the terminal, with thinking, prompt reuse across turns and /commands (/help)."""
     from .chat import ChatSession
     from .chat_terminal import ChatTerminal
@@ -256,8 +264,8 @@ def chat(model: str = MODEL_OPTION,
     model_dir, tokenizer = open_model(model)
     with peers_lost_as_errors(ranks):
         with console.status(f"loading {model_dir}"):
-            llm = load_weights(model_dir, threads, memory_check, max_kv_size, attention, ranks, kv_bits=kv_bits,
-                               context_option="--max-kv-size", kv_bits_option=True)
+            llm = load_weights(model_dir, threads, memory_check, max_kv_size, attention, ranks, memory_budget,
+                               kv_bits=kv_bits, context_option="--max-kv-size", kv_bits_option=True)
         session = ChatSession(llm, tokenizer, system=system, thinking=think, max_kv_size=max_kv_size,
                               kv_bits=kv_bits, max_tokens=max_tokens, thinking_budget=thinking_budget,
                               prefill_step=prefill_step, **options)
@@ -290,7 +298,8 @@ def serve(model: str = MODEL_OPTION,
           max_batch: int = typer.Option(8, "--max-batch", help="Requests decoded together; past that, they wait."),
           prefill_step: int = PREFILL_OPTION, threads: int = THREADS_OPTION,
           memory_check: bool = MEMORY_CHECK_OPTION, self_extend: str = SELF_EXTEND_OPTION,
-          dual_chunk: bool = DUAL_CHUNK_OPTION, sparse_prefill: bool = SPARSE_PREFILL_OPTION):
+          dual_chunk: bool = DUAL_CHUNK_OPTION, sparse_prefill: bool = SPARSE_PREFILL_OPTION,
+          memory_budget: str = MEMORY_BUDGET_OPTION):
     """A server for editors, coding agents, UIs: OpenAI's Chat Completions and Responses, Anthropic's Messages."""
     import logging
     import os
@@ -302,6 +311,7 @@ def serve(model: str = MODEL_OPTION,
     from .cache import check_bound
     from .config import read_config
     from .distributed import check_one_rank
+    from .memory import weights_budget
     from .server import Engine, LoadedModel, create_app
     from .server.prompt_cache import default_directory
 
@@ -313,9 +323,13 @@ def serve(model: str = MODEL_OPTION,
     model_dir, tokenizer = open_model(model)
     check_bound(max_kv_size, keys_at_their_index(read_config(model_dir), attention))
 
+    prompt_cache_bytes = int(prompt_cache_gb * 1e9)
+    if memory_budget is not None:  # the prompt cache counts inside the budget: refused before listening if it does not fit
+        weights_budget(model_dir, memory_budget, max_kv_size, kv_bits, prompt_cache_bytes)
+
     def load() -> LoadedModel:  # on the generation thread: MLX's streams belong to the thread that made them
-        llm = load_weights(model_dir, threads, memory_check, max_kv_size, attention, kv_bits=kv_bits,
-                           context_option="--max-kv-size", kv_bits_option=True)
+        llm = load_weights(model_dir, threads, memory_check, max_kv_size, attention, None, memory_budget,
+                           prompt_cache_bytes, kv_bits=kv_bits, context_option="--max-kv-size", kv_bits_option=True)
         return LoadedModel(llm, tokenizer, llm.fingerprint)
 
     # uvicorn says only what goes wrong; the engine logs each request, and the address once the model is ready
@@ -323,7 +337,7 @@ def serve(model: str = MODEL_OPTION,
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     name = Path(model_dir).name
     engine = Engine(load, name=name, max_kv_size=max_kv_size, kv_bits=kv_bits,
-                    prompt_cache_bytes=int(prompt_cache_gb * 1e9), max_tokens=max_tokens, max_queue=max_queue,
+                    prompt_cache_bytes=prompt_cache_bytes, max_tokens=max_tokens, max_queue=max_queue,
                     max_batch=max_batch, prefill_step=prefill_step,
                     allow_scripted=os.environ.get("QWENMLX_TEST_HOOKS") == "1",
                     prompt_cache_dir=prompt_cache_dir or default_directory(),
@@ -738,6 +752,7 @@ def summarize(
     dual_chunk: bool = DUAL_CHUNK_OPTION,
     sparse_prefill: bool = SPARSE_PREFILL_OPTION,
     parallel: str = PARALLEL_OPTION,
+    memory_budget: str = MEMORY_BUDGET_OPTION,
 ):
     """Summarise a file of any length: in one pass (with YaRN or dual chunk attention when needed) or in parts."""
     import json
@@ -748,6 +763,7 @@ def summarize(
     from .destinations import check_output_file, write_text_atomically
     from .distributed import join, peers_lost_as_errors
     from .documents import read_document
+    from .memory import budget_limits, summary_context
     from .summarize import SummaryOptions, needs_dual_chunk
     from .summarize import summarize as summarize_document
 
@@ -772,12 +788,17 @@ def summarize(
         attention["dual_chunk"] = True
     with peers_lost_as_errors(ranks):
         with stderr.status(f"loading {model_dir}", spinner="dots") if not quiet else nullcontext():
-            # At least the answer must fit; the strategy then fits the document into what is left, in parts if need be.
-            llm = load_weights(model_dir, threads, memory_check, max_tokens * (2 if think else 1), attention, ranks,
+            # At least the answer must fit; the strategy then fits the document into what is left, in parts if need
+            # be (within a budget: into the KV cache's share of it).
+            context = answer = max_tokens * (2 if think else 1)
+            if memory_budget is not None:
+                context = summary_context(model_dir, memory_budget, answer)
+            llm = load_weights(model_dir, threads, memory_check, context, attention, ranks, memory_budget,
                                context_option="--max-tokens")
+        limits = None if memory_budget is None else budget_limits(model_dir, memory_budget, context)
         progress = None if quiet else SummaryBars()
         try:
-            summary = summarize_document(llm, tokenizer, document, options, progress=progress)
+            summary = summarize_document(llm, tokenizer, document, options, progress=progress, limits=limits)
         finally:
             if progress is not None and not progress.streaming:
                 progress.close()
@@ -820,6 +841,8 @@ def bench(
                                help="JSON file of the results (replaces only an earlier one)."),
     markdown: bool = typer.Option(False, "--markdown", help="Draw the tables as Markdown (for the README)."),
     json_output: bool = typer.Option(False, "--json", help="Print JSON instead of tables; no progress bar."),
+    memory_budget: bool = typer.Option(False, "--memory-budget", help="Instead: qwenmlx alone with its experts "
+                                       "streamed, at budgets of 100/75/50/35% of the weights (first of --bits)."),
 ):
     """Benchmark qwenmlx against mlx-lm on synthetic real-shape checkpoints: speed, memory, kernels, conversion."""
     import json
@@ -828,6 +851,7 @@ def bench(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .bench import QUICK, BenchOptions, check_results_file, result_tables, run_bench
+    from .bench_budget import budget_tables, run_budget_bench
     from .destinations import resolve, write_text_atomically
 
     def numbers(text: str, option: str) -> tuple[int, ...]:
@@ -860,8 +884,9 @@ def bench(
         progress.start()  # after run_bench's checks: a refused option or path is one error line, no bar
         progress.update(task, description=label, completed=done, total=total)
 
+    run, tables = (run_budget_bench, budget_tables) if memory_budget else (run_bench, result_tables)
     try:
-        result = run_bench(options, on_step)
+        result = run(options, on_step)
     finally:
         progress.stop()
     write_text_atomically(results_file, json.dumps(result, indent=2))
@@ -869,6 +894,6 @@ def bench(
         print(json.dumps(result, indent=2))
         return
     out = Console(width=1000) if markdown else console  # Markdown rows must not wrap
-    for table in result_tables(result, markdown):
+    for table in tables(result, markdown):
         out.print(table)
     console.print(f"JSON: {output}")

@@ -30,7 +30,8 @@ import mlx.nn as nn
 from .checkpoint import compute_dtype, load_model
 from .config import ModelConfig
 from .errors import QwenMLXError
-from .model import MLP, DecoderLayer, ExpertsSwiGLU, Model, SparseMoeBlock
+from .experts import ExpertsSwiGLU
+from .model import MLP, DecoderLayer, Model, SparseMoeBlock
 
 MODES = ("pipeline", "experts")
 TOKEN_BYTES = 4  # a sampled token id (uint32)

@@ -4,7 +4,6 @@ Dense Qwen3 (Qwen3-0.6B ... 32B) is the same network with an MLP in every layer 
 the sparse mixture of experts.
 """
 
-from functools import partial
 from typing import Any
 
 import mlx.core as mx
@@ -13,27 +12,9 @@ import mlx.nn as nn
 from .attention import Attention, make_attention
 from .config import ModelConfig
 from .cpu_streams import NO_CORES, Cores
-from .fused import concatenate_rows
+from .experts import ExpertsSwiGLU, StreamedExperts, make_experts
+from .fusion import fuse_gate_up, gate_and_up, swiglu
 from .rope import RoPE
-
-
-@partial(mx.compile, shapeless=True)
-def swiglu(gate: mx.array, up: mx.array) -> mx.array:
-    return nn.silu(gate) * up
-
-
-def fuse_gate_up(block: nn.Module) -> None:
-    fused = concatenate_rows([block.gate_proj, block.up_proj])
-    if fused is not None:
-        block.gate_up_proj = fused
-        del block.gate_proj, block.up_proj
-
-
-def gate_and_up(block: nn.Module, project) -> tuple[mx.array, mx.array]:
-    """The gate and up projections, through project(layer), from one fused layer where there is one."""
-    if "gate_up_proj" in block:
-        return mx.split(project(block.gate_up_proj), 2, axis=-1)
-    return project(block.gate_proj), project(block.up_proj)
 
 
 class MLP(nn.Module):
@@ -52,70 +33,6 @@ class MLP(nn.Module):
         return self.cores.rows(self.down_proj, hidden)
 
 
-class ExpertLinear(nn.Module):
-    """All experts' weights stacked [experts, out, in]; each row of x is multiplied by its chosen experts only."""
-
-    def __init__(self, input_dims: int, output_dims: int, num_experts: int):
-        super().__init__()
-        self.weight = mx.zeros((num_experts, output_dims, input_dims))
-
-    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
-        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
-
-    def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine") -> "QuantizedExpertLinear":
-        return QuantizedExpertLinear(self.weight, group_size, bits, mode)
-
-
-class QuantizedExpertLinear(nn.Module):
-    """ExpertLinear with quantized weights, read through gather_qmm (mlx-lm's on-disk names)."""
-
-    def __init__(self, weight: mx.array, group_size: int, bits: int, mode: str):
-        super().__init__()
-        self.group_size, self.bits, self.mode = group_size, bits, mode
-        self.weight, self.scales, *biases = mx.quantize(weight, group_size, bits, mode=mode)
-        if biases:
-            self.biases = biases[0]
-        self.freeze()
-
-    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
-        return mx.gather_qmm(
-            x, self["weight"], self["scales"], self.get("biases"), rhs_indices=indices, transpose=True,
-            group_size=self.group_size, bits=self.bits, mode=self.mode, sorted_indices=sorted_indices,
-        )
-
-
-class ExpertsSwiGLU(nn.Module):
-    """The experts of one MoE layer: SwiGLU through gather matmuls, tokens sorted by expert for prefill."""
-
-    cores = NO_CORES  # the (token, expert) pairs are split over its streams
-
-    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int):
-        super().__init__()
-        self.gate_proj = ExpertLinear(hidden_size, intermediate_size, num_experts)
-        self.up_proj = ExpertLinear(hidden_size, intermediate_size, num_experts)
-        self.down_proj = ExpertLinear(intermediate_size, hidden_size, num_experts)
-
-    def __call__(self, x: mx.array, expert_ids: mx.array) -> mx.array:
-        """x: [..., hidden], expert_ids: [..., k] -> [..., k, hidden]."""
-        k = expert_ids.shape[-1]
-        # Several tokens (a prefill chunk, a batch of sequences decoding): group rows by expert so each
-        # expert's weights are read once for all the tokens that chose it, as one larger matmul.
-        if expert_ids.size > k:
-            flat_ids = expert_ids.flatten()
-            order = mx.argsort(flat_ids)
-            rows = x.reshape(-1, 1, x.shape[-1])[order // k]
-            ids = flat_ids[order]
-            out = self.cores.blocks(ids.size, lambda a, b: self._swiglu(rows[a:b], ids[a:b], True), axis=0)
-            return out[mx.argsort(order)].reshape(*expert_ids.shape, -1)
-        rows = mx.expand_dims(x, (-2, -3))
-        out = self.cores.blocks(k, lambda a, b: self._swiglu(rows, expert_ids[..., a:b], False), axis=-3)
-        return out.squeeze(-2)
-
-    def _swiglu(self, rows: mx.array, ids: mx.array, sorted_ids: bool) -> mx.array:
-        hidden = swiglu(*gate_and_up(self, lambda layer: layer(rows, ids, sorted_ids)))
-        return self.down_proj(hidden, ids, sorted_ids)
-
-
 class SparseMoeBlock(nn.Module):
     """Router softmax in float32, top-k experts, optional renormalisation, weighted sum of their outputs."""
 
@@ -123,12 +40,16 @@ class SparseMoeBlock(nn.Module):
         super().__init__()
         self.top_k, self.norm_topk_prob = c.num_experts_per_tok, c.norm_topk_prob
         self.gate = nn.Linear(c.hidden_size, c.num_experts, bias=False)
-        self.switch_mlp = ExpertsSwiGLU(c.hidden_size, c.moe_intermediate_size, c.num_experts)
+        self.switch_mlp = make_experts(c)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def route(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """(router logits, the top-k experts' ids) for x."""
         logits = self.gate(x)
         # Softmax is monotonic, so the top-k of the logits are the top-k of the probabilities.
-        expert_ids = mx.argpartition(logits, kth=-self.top_k, axis=-1)[..., -self.top_k :]
+        return logits, mx.argpartition(logits, kth=-self.top_k, axis=-1)[..., -self.top_k :]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        logits, expert_ids = self.route(x)
         top_logits = mx.take_along_axis(logits, expert_ids, axis=-1)
         if self.norm_topk_prob:
             # The full softmax renormalised over the chosen k is the softmax of the chosen logits
@@ -151,7 +72,10 @@ class DecoderLayer(nn.Module):
 
     def fuse(self) -> None:
         self.self_attn.fuse()
-        fuse_gate_up(self.mlp.switch_mlp if isinstance(self.mlp, SparseMoeBlock) else self.mlp)
+        if isinstance(self.mlp, SparseMoeBlock):
+            self.mlp.switch_mlp.fuse()
+        else:
+            fuse_gate_up(self.mlp)
 
     def __call__(self, x: mx.array, cache: Any | None = None) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), cache)
@@ -190,7 +114,7 @@ class Model(nn.Module):
     def use_cores(self, cores: Cores) -> None:
         """Split the large matmuls over these streams (one per CPU core); NO_CORES runs each as one kernel."""
         for module in self.modules():
-            if isinstance(module, (Attention, MLP, ExpertsSwiGLU, Model)):
+            if isinstance(module, (Attention, MLP, ExpertsSwiGLU, StreamedExperts, Model)):
                 module.cores = cores
 
     @property

@@ -218,6 +218,14 @@ ROWS = [
                                                       "original_max_position_embeddings": 1024}}}),
     # --- several machines ---
     Row("generate-unknown-parallel-mode", (*GENERATE, "--parallel", "tensor"), "--parallel tensor"),
+    # --- memory budget: experts streamed from disk ---
+    Row("memory-budget-not-a-size", (*GENERATE, "--memory-budget", "ten"), "memory budget 'ten': not a size"),
+    Row("memory-budget-zero", ("chat", "-m", "{model}", "--memory-budget", "0"), "must be more than zero"),
+    Row("memory-budget-below-the-minimum", (*GENERATE, "--memory-budget", "1MB"), "needs at least"),
+    Row("memory-budget-below-the-minimum-in-summarize", (*SUMMARIZE, "--memory-budget", "1MB"),
+        "needs at least", files=SHORT_DOCUMENT),
+    Row("memory-budget-without-room-for-the-prompt-cache", ("serve", "-m", "{model}", "--memory-budget", "100MB",
+                                                           "--prompt-cache-gb", "1"), "prompt cache 1 GB"),
 ]
 
 

@@ -11,10 +11,12 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from qwenmlx.bench import REAL_CONFIG, BenchOptions, decode_step_kernels, measure_command, result_tables, run_bench
+from qwenmlx.bench_budget import budget_tables, run_budget_bench
 from qwenmlx.cli import app
 from qwenmlx.config import config_from_dict
 from qwenmlx.cpu_streams import cpu_threads
 from qwenmlx.errors import QwenMLXError
+from qwenmlx.experts import DEFAULT_POLICY
 
 # Qwen3-30B-A3B's config with every size shrunk (group-64 quantization still divides every input width).
 TINY = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8,
@@ -106,3 +108,26 @@ def test_bad_options_are_one_line_errors(args, message, tmp_path):
 def test_a_failed_measured_command_names_what_the_child_said():
     with pytest.raises(QwenMLXError, match="failed: the child's own last words"):
         measure_command([sys.executable, "-c", "import sys; sys.exit(\"the child's own last words\")"])
+
+
+def test_memory_budget_bench_reports_each_budget_on_both_routings(tmp_path):
+    config = tmp_path / "config.json"  # experts are most of the weights, so even 35% holds the minimum
+    config.write_text(json.dumps({**tiny_raw(8), "num_experts": 32, "moe_intermediate_size": 128}))
+    options = BenchOptions(layers=8, prompt_tokens=8, decode_tokens=4, bits=(4,), config=config,
+                           workdir=tmp_path / "work")
+    result = run_budget_bench(options)
+    runs = result["memory_budget"]["runs"]
+    assert [(r["share"], r["routing"], r["policy"], r["read_ahead"], r["overlap"]) for r in runs] == [
+        *((s, routing, DEFAULT_POLICY, False, True) for s in (1.0, 0.75, 0.5, 0.35) for routing in ("uniform", "zipf")),
+        *((s, routing, policy, False, True) for s in (0.5, 0.35) for routing in ("uniform", "zipf")
+          for policy in ("global-lru", "lru", "lfu") if policy != DEFAULT_POLICY),
+        *((0.5, routing, DEFAULT_POLICY, ahead, overlap) for routing in ("uniform", "zipf")
+          for ahead, overlap in ((True, True), (False, True), (False, False)))]
+    for r in runs:
+        assert r["decode_tps"] > 0 and r["peak_rss_gb"] > 0 and 0 <= r["hit_rate"] <= 1 and 0 < r["top_tenth_share"] <= 1
+        if r["budget"] is None:  # everything resident: nothing is read
+            assert r["hit_rate"] == 1 and r["mb_read_per_token"] == 0
+    console = Console(width=300, record=True)
+    for table in budget_tables(result, markdown=True):
+        console.print(table)
+    assert "| zipf " in console.export_text()
