@@ -281,6 +281,14 @@ def test_serve_under_mlx_launch_is_refused_in_one_line_before_loading(moe_dir):
     assert "Traceback" not in result.stderr
 
 
+def test_a_memory_budget_under_mlx_launch_is_refused_in_one_line(moe_dir):
+    """Streamed experts and a rank's share of every expert do not combine yet: said before any weight is read."""
+    result = launch(2, sys.executable, "-m", "qwenmlx", "generate", "-m", str(moe_dir), "-p", "Hi",
+                    "--memory-budget", "10GB", "--no-memory-check")
+    assert "error: --memory-budget: not under mlx.launch" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_a_prompt_from_stdin_under_mlx_launch_is_refused_rather_than_waited_for(moe_dir):
     """mlx.launch never closes the ranks' stdin, so reading it to its end would never return."""
     result = launch(2, sys.executable, "-m", "qwenmlx", "generate", "-m", str(moe_dir), "-p", "-", stdin="Hello\n")
