@@ -265,7 +265,7 @@ def test_a_long_document_is_tokenised_and_split_a_bounded_piece_at_a_time_with_p
 
 def bars_after(tiny, english, monkeypatch, interrupt_at: int | None):
     """The CLI's bars after a map-reduce run, Ctrl-C arriving at generation number interrupt_at (None: never)."""
-    from qwenmlx.cli import SummaryBars
+    from qwenmlx.cli.summarizing import SummaryBars
 
     calls = []
 
