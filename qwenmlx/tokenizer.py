@@ -175,6 +175,14 @@ class Tokenizer:
     def _unshield(self, text: str) -> str:
         return PLACEHOLDER.sub(lambda m: self._shielded[int(m[1])], text)
 
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """Ids of a whole prompt its writer formatted for the model (a server's raw completion prompt): the special
+        tokens written in it are markers, as the model's template would write them; the text between is text."""
+        ids = []
+        for i, piece in enumerate(self._special_pattern.split(prompt) if self._special_pattern else [prompt]):
+            ids += [self._special_ids[piece]] if i % 2 else self.encode(piece)
+        return ids
+
     def _encode_prompt(self, prompt: str, on_progress: Callable[[int, int], None] | None) -> list[int]:
         """Ids of a rendered prompt: its special tokens (all the template's own) as such, the text between as text."""
         pieces = self._special_pattern.split(prompt) if self._special_pattern else [prompt]

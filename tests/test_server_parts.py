@@ -434,3 +434,19 @@ def test_a_self_extend_model_is_served_a_request_at_a_time_and_answers_as_the_cl
     steps = list(stream_generate(model, tokenizer, prompt, max_tokens=12, sampling=GREEDY))
     assert events[-1].usage.completion_tokens == len(steps)
     assert text_of(events, "content") == "".join(s.text for s in steps if not s.thinking).strip()
+
+
+def test_a_raw_completion_prompt_is_read_with_its_special_tokens_as_the_template_writes_them(moe_dir):
+    """/v1/completions' prompt is the model's whole input, formatted by the client: <|im_start|> there is a marker."""
+    engine = Engine(lambda: LoadedModel(*load(moe_dir), "tiny"), name="tiny")
+    engine.start()
+    try:
+        while engine.state == "loading":
+            time.sleep(0.01)
+        messages = [{"role": "user", "content": "Hello there"}]
+        written = engine.tokenizer.apply_chat_template(messages, enable_thinking=False)
+        prompt, thinking = engine.render(Request(prompt=written))
+        assert prompt == engine.tokenizer.apply_chat_template(messages, enable_thinking=False, tokenize=True)
+        assert not thinking
+    finally:
+        engine.stop()

@@ -172,7 +172,7 @@ class Engine:
         tokenizer, param = self.tokenizer, "messages" if request.messages is not None else "prompt"
         try:
             if request.messages is None:
-                return tokenizer.encode(request.prompt), False
+                return tokenizer.encode_prompt(request.prompt), False  # the client wrote the markers it wants
             thinking = thinking_switch(request.messages) if request.thinking is None else request.thinking
             prompt = tokenizer.apply_chat_template(request.messages, enable_thinking=thinking,
                                                    tools=request.tools or None, tokenize=True)
