@@ -283,6 +283,11 @@ def test_keepalive_comments_flow_while_no_frame_is_ready_and_frames_follow():
 # --- the engine, without HTTP ---
 
 
+async def drained(events) -> list:
+    """Every event left in a stream, to its end."""
+    return [event async for event in events]
+
+
 def answer(engine: Engine, request: Request) -> tuple[list, list[int]]:
     """Every event of one request, and its prompt's tokens."""
 
@@ -369,8 +374,9 @@ def test_a_long_new_prompt_is_prefilled_a_chunk_per_step_while_the_running_strea
                                                   scripted={"reply": "on " * 300}), loop), "running")
         engine.submit(running)
         events = running.events()
-        while not isinstance(await anext(events), Text):  # it is decoding
-            pass
+        event = await anext(events)
+        while not isinstance(event, Text):  # until it is decoding
+            event = await anext(events)
         long_prompt = [{"role": "user", "content": "word " * 400}]
         arriving = recorded(engine.prepare(Request(messages=long_prompt, max_tokens=2), loop), "arriving")
         engine.submit(arriving)
@@ -378,8 +384,7 @@ def test_a_long_new_prompt_is_prefilled_a_chunk_per_step_while_the_running_strea
             if isinstance(event, Finished):
                 break
         running.cancel()
-        async for _ in events:
-            pass
+        await drained(events)  # the cancelled stream, to its end
 
     try:
         while engine.state == "loading":
