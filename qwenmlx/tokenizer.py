@@ -10,6 +10,7 @@ is encoded as the characters it is made of, so a document cannot open a turn of 
 Only the markers the chat template itself writes become special tokens.
 """
 
+import functools
 import json
 import re
 from collections.abc import Callable
@@ -156,11 +157,17 @@ class Tokenizer:
     def thinks(self, requested: bool) -> bool:
         """Whether the model thinks when thinking is `requested`: Qwen3's template follows the request, the 2507
         models' decide alone (Thinking-2507 opens <think> in every prompt, Instruct-2507 never thinks)."""
+        return requested if self._fixed_thinking is None else self._fixed_thinking
+
+    @functools.cached_property
+    def _fixed_thinking(self) -> bool | None:
+        """None where the template follows enable_thinking, else whether it always thinks: two renders, done once
+        (every chat turn and server request asks)."""
         if self._chat_template is None:
-            return requested
+            return None
         on, off = (self.apply_chat_template([{"role": "user", "content": "x"}], enable_thinking=flag)
                    for flag in (True, False))
-        return requested if on != off else on.rstrip().endswith("<think>")
+        return None if on != off else on.rstrip().endswith("<think>")
 
     def _shield(self, value):
         """value (messages, tools) with every special token in its strings replaced by a placeholder."""
