@@ -171,12 +171,13 @@ class SelfExtendAttention(Attention):
 SCORE_BLOCK_BYTES = 256 * 2**20
 
 
-def in_query_blocks(q: mx.array, offset: int, n_keys: int, attend_rows, align: int | None = None) -> mx.array:
+def in_query_blocks(q: mx.array, offset: int, n_keys: int, attend_rows, align: int | None = None,
+                    rows: int | None = None) -> mx.array:
     """attend_rows(query rows, their first and end positions) over blocks of rows, so that memory stays bounded
     in a prefill however long the context (the variants compute their score maps in full, not in a fused
-    kernel). align: no block crosses a multiple of it."""
+    kernel). align: no block crosses a multiple of it; rows: the block size, if not bounded by memory alone."""
     B, n_heads, L, _ = q.shape
-    rows = max(1, SCORE_BLOCK_BYTES // (4 * 4 * B * n_heads * n_keys))
+    rows = rows or max(1, SCORE_BLOCK_BYTES // (4 * 4 * B * n_heads * n_keys))
     blocks, start = [], offset
     while start < offset + L:
         end = min(start + rows, offset + L)
@@ -220,7 +221,7 @@ class DualChunkAttention(Attention):
     first chunk (253,952 tokens with Qwen's values) it is ordinary attention, through the fused kernel.
 
     sparse (SparsePrefill): a long prompt's prefill keeps per head only MInference's vertical-slash pattern,
-    chosen per chunk as vLLM's sparse path chooses it, the rest masked out of the score maps.
+    chosen per chunk as vLLM's sparse path chooses it, and scores only the keys it keeps (VerticalSlash).
     """
 
     rotated_keys = False  # rotated within their chunk, not at their index
@@ -268,7 +269,7 @@ class DualChunkAttention(Attention):
                 parts.insert(0, grouped_scores(self.rope.at(q, inter), keys[:, :, : chunk_start - chunk_len], scale))
             return mx.concatenate(parts, axis=-1)
 
-        def pattern(chunk_start: int) -> tuple[mx.array, mx.array]:
+        def pattern(chunk_start: int) -> "VerticalSlash":
             """vLLM's choice for a chunk of the prefill: from its last queries' attention over every key, with
             the "critical" query positions (succ unclamped, inter at chunk_size on)."""
             end = min(chunk_start + chunk_len, offset + q.shape[2])
@@ -278,7 +279,8 @@ class DualChunkAttention(Attention):
             scores = scores_by_region(last, start, end, within + chunk_len, within + chunk_size)
             weights = mx.softmax(scores.astype(mx.float32), axis=-1)
             B, n_kv, group, n, N = weights.shape
-            return vertical_slash_indices(weights.reshape(B * n_kv * group, n, N), sparse.vertical, sparse.slash)
+            indices = vertical_slash_indices(weights.reshape(B * n_kv * group, n, N), sparse.vertical, sparse.slash)
+            return VerticalSlash(*indices, N)
 
         def attend_rows(q: mx.array, start: int, end: int) -> mx.array:
             """Rows [start, end) of one chunk: its own chunk causally, the chunk before, every earlier one."""
@@ -289,15 +291,19 @@ class DualChunkAttention(Attention):
                 return mx.fast.scaled_dot_product_attention(self.rope.at(q, within), keys[:, :, :end],
                                                             values[:, :, :end], scale=scale, mask=mask)
             far = mx.full(within.shape, min(2 * chunk_len - 1, chunk_size))
-            scores = scores_by_region(q, start, end, mx.minimum(within + chunk_len, chunk_size), far)
-            if sparse is not None:
-                if chunk_start not in patterns:
-                    patterns[chunk_start] = pattern(chunk_start)
-                kept = vertical_slash_mask(*patterns[chunk_start], mx.arange(start, end), end)
-                scores = mx.where(kept.reshape(scores.shape[1:]), scores, -mx.inf)
-            return softmax_values(scores, values[:, :, :end])
+            succ = mx.minimum(within + chunk_len, chunk_size)
+            if sparse is None:
+                return softmax_values(scores_by_region(q, start, end, succ, far), values[:, :, :end])
+            if chunk_start not in patterns:
+                patterns[chunk_start] = pattern(chunk_start)
+            # Each region of keys with the queries rotated for it: every earlier chunk, the one before, their own.
+            regions = [(0, chunk_start - chunk_len, far), (chunk_start - chunk_len, chunk_start, succ),
+                       (chunk_start, end, within)]
+            return patterns[chunk_start].attend(q, start, end, keys, values, scale, self.rope,
+                                                [r for r in regions if r[0] >= 0 and r[1] > r[0]])
 
-        return in_query_blocks(q, offset, keys.shape[2], attend_rows, align=self.chunk_len)
+        return in_query_blocks(q, offset, keys.shape[2], attend_rows, align=self.chunk_len,
+                               rows=SPARSE_QUERY_BLOCK if sparse else None)
 
 
 @dataclass
@@ -363,18 +369,80 @@ def vertical_slash_indices(weights: mx.array, vertical: list[int], slash: list[i
     return largest(columns, vertical), largest(diagonals, slash)
 
 
-def vertical_slash_mask(columns: mx.array, distances: mx.array, query_pos: mx.array, n_keys: int) -> mx.array:
-    """[heads, queries, n_keys]: which keys each query keeps, a chosen column or at a chosen distance."""
-    H = columns.shape[0]
+# The sparse prefill attends its queries in blocks of this many (the rows of vLLM's 64x64 blocks).
+SPARSE_QUERY_BLOCK = 64
 
-    def chosen(indices: mx.array) -> mx.array:
-        marks = mx.zeros((H, n_keys + 1), dtype=mx.bool_)  # the last slot takes the -1 padding
-        marks[mx.arange(H)[:, None], mx.where(indices < 0, n_keys, mx.minimum(indices, n_keys))] = True
-        return marks
 
-    distance = query_pos[:, None] - mx.arange(n_keys)[None]
-    at_distance = mx.take(chosen(distances), mx.where(distance >= 0, distance, n_keys), axis=1)
-    return chosen(columns)[:, None, :n_keys] | at_distance
+class VerticalSlash:
+    """One chunk's vertical-slash pattern, attended with only the keys it keeps.
+
+    Per head, a query keeps the chosen columns and the keys at the chosen distances before it. Masking full score
+    maps costs what dense attention costs; instead each block of queries gathers, per KV head and region of keys,
+    the keys that some query of the block keeps in some head of the group (the columns, and the stretch of keys
+    each distance reaches from the block), scores the block against those alone, masks each query's scores to its
+    own pattern and takes one softmax over the regions: the masked result, for work that grows with the keys
+    kept rather than with the context.
+    """
+
+    def __init__(self, columns: mx.array, distances: mx.array, n_keys: int):
+        """columns, distances: [heads, max size] from vertical_slash_indices (-1 pads); they index n_keys keys."""
+        heads = columns.shape[0]
+
+        def chosen(indices: mx.array) -> mx.array:
+            marks = mx.zeros((heads, n_keys + 1), dtype=mx.bool_)  # the last slot takes the -1 padding
+            marks[mx.arange(heads)[:, None], mx.where(indices < 0, n_keys, indices)] = True
+            return marks & (mx.arange(n_keys + 1) < n_keys)
+
+        self.is_column, self.is_distance = chosen(columns), chosen(distances)  # [heads, n_keys + 1]
+        # distances_below[:, x]: how many chosen distances are below x
+        self.distances_below = mx.concatenate([mx.zeros((heads, 1), mx.int32),
+                                               mx.cumsum(self.is_distance.astype(mx.int32), axis=1)], axis=1)
+
+    def attend(self, q: mx.array, start: int, end: int, keys: mx.array, values: mx.array, scale: float, rope: RoPE,
+               regions: list[tuple[int, int, mx.array]]) -> mx.array:
+        """Rows [start, end) (q not yet rotated) against keys [B, kv_heads, N, D]; regions: (first key, end key,
+        the query positions to rotate by against them) -> [B, heads, rows, D]."""
+        B, n_heads, rows, D = q.shape
+        n_kv = keys.shape[1]
+        group = n_heads // n_kv
+        query_pos = mx.arange(start, end)[:, None]
+        no_distance = self.is_distance.shape[1] - 1
+
+        def per_kv_head(table: mx.array) -> mx.array:
+            return table.reshape(B, n_kv, group, *table.shape[1:])
+
+        kept_by_region = []  # [B, kv_heads, keys of the region]: kept by some query of the block, in some head
+        for first, stop, _ in regions:
+            key_pos = mx.arange(first, stop)
+            below = mx.take(self.distances_below, end - key_pos, axis=1)
+            below_start = mx.take(self.distances_below, mx.maximum(start - key_pos, 0), axis=1)
+            kept_by_region.append(per_kv_head(self.is_column[:, first:stop] | (below > below_start)).any(axis=2))
+        counts = mx.stack([kept.sum(-1).max(axis=0) for kept in kept_by_region]).tolist()  # [region][kv head]
+        queries = [rope.at(q, positions) * scale for _, _, positions in regions]
+        is_column, is_distance = per_kv_head(self.is_column), per_kv_head(self.is_distance)[:, :, :, None]
+
+        outputs = []
+        for h in range(n_kv):  # the heads of a group share their gathered keys, as they share their keys
+            scores, kept_values = [], []
+            for (first, stop, _), kept, count, query in zip(regions, kept_by_region, counts, queries):
+                if count[h] == 0:
+                    continue
+                order = mx.arange(stop - first)
+                index = mx.argsort(mx.where(kept[:, h], order, order + stop), axis=-1)[:, : count[h], None] + first
+                gathered_keys = mx.take_along_axis(keys[:, h], index, axis=1)[:, None]  # [B, 1, M, D]
+                kept_values.append(mx.take_along_axis(values[:, h], index, axis=1)[:, None])
+                index = index.swapaxes(1, 2)  # [B, 1, M]
+                distance = query_pos - index[..., None, :]  # [B, 1, rows, M]
+                on_diagonal = mx.take_along_axis(is_distance[:, h], mx.where(distance >= 0, distance, no_distance),
+                                                 axis=-1)
+                in_pattern = (distance >= 0) & (mx.take_along_axis(is_column[:, h], index, axis=-1)[:, :, None]
+                                                | on_diagonal)
+                block = query[:, h * group : (h + 1) * group] @ gathered_keys.swapaxes(-1, -2)
+                scores.append(mx.where(in_pattern, block, -mx.inf))
+            weights = mx.softmax(mx.concatenate(scores, axis=-1).astype(mx.float32), axis=-1)
+            kept_values = mx.concatenate(kept_values, axis=2)
+            outputs.append(weights.astype(kept_values.dtype) @ kept_values)
+        return mx.concatenate(outputs, axis=1)
 
 
 def make_attention(config: ModelConfig, layer_idx: int) -> Attention:

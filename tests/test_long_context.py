@@ -355,6 +355,36 @@ def test_sparse_prefill_with_few_indices_changes_the_prefill_but_not_decode(spar
     np.testing.assert_allclose(steps[0], steps[1], atol=LOGITS_ATOL, rtol=0)  # one query: a decode step is dense
 
 
+@pytest.mark.parametrize("heads, kv_heads, chunk_size, local_size, length, vertical, slash, prefill_ends", [
+    (4, 4, 24, 8, 200, 31, 101, [200]),  # chunks of 16: many chunks, each past the first in three regions
+    (8, 2, 24, 8, 200, 40, 120, [32, 200]),  # GQA; the first two chunks, then the rest through the cache
+    (6, 3, 160, 32, 330, 31, 120, [128, 330]),  # chunks of 128: several query blocks in a chunk, the first alone
+])
+def test_sparse_prefill_gathering_only_the_kept_keys_equals_the_masked_vllm_reference(
+        heads, kv_heads, chunk_size, local_size, length, vertical, slash, prefill_ends):
+    """The sparse prefill scores each block of queries against the keys its pattern keeps, not the whole context:
+    the outputs are those of the reference's dense score maps masked to the same pattern."""
+    from qwenmlx.attention import SparsePrefill
+    from qwenmlx.cache import KVCache
+    from qwenmlx.config import config_from_dict
+
+    config = config_from_dict(dict(MODEL_VARIANTS["moe"], num_attention_heads=heads, num_key_value_heads=kv_heads))
+    original_max, last_q = 64, 8
+    attention = DualChunkAttention(config, chunk_size, local_size, original_max,
+                                   SparsePrefill([vertical] * heads, [slash] * heads, threshold=0, last_q=last_q))
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, n, length, 32)).astype(np.float32) for n in (heads, kv_heads, kv_heads))
+    cache, outputs, start = KVCache(rotated_keys=False), [], 0
+    cache.prompt_end = length
+    for end in prefill_ends:
+        qk = mx.array(np.concatenate([q[:, :, start:end], k[:, :, start:end]], axis=1))
+        outputs.append(np.array(attention.attend(qk, mx.array(v[:, :, start:end]), cache)))
+        start = end
+    expected = ref.dual_chunk_attention(q, k, v, config.rope_theta, attention.scale, chunk_size, local_size,
+                                        original_max, sparse=(vertical, slash, last_q))
+    np.testing.assert_allclose(np.concatenate(outputs, axis=2), expected, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("change, says", [
     ({"sparse_attention_config": None}, "has none"),
     ({"sparse_attention_config": [{"0": ["vertical_and_slash", 10, 10, 1]}] * 3}, "each of the 4 query heads"),
