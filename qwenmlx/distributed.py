@@ -16,8 +16,10 @@ weights are read:
 
 import hashlib
 import os
+import signal
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -69,22 +71,38 @@ class Ranks:
 
 
 def join(mode: str = "pipeline") -> Ranks:
-    """The ranks this process runs among (one when not started by mlx.launch); on several, the followers'
-    stdout goes nowhere (rank 0 owns the terminal)."""
+    """The ranks this process runs among (one when not started by mlx.launch). On several, the followers'
+    stdout goes nowhere (rank 0 owns the terminal), and Ctrl-C ends every rank (exit code 130): it also stops
+    mlx.launch, which then no longer hands on the terminal's input, so no rank could go on. The exit is
+    immediate: Python's own would abort on chat's reading thread, still waiting on stdin (SharedInput)."""
     ranks = Ranks(mx.distributed.init(), check_mode(mode))
-    if ranks.size > 1 and ranks.rank != 0:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+    if ranks.size > 1:
+        signal.signal(signal.SIGINT, lambda *_: os._exit(128 + signal.SIGINT))
+        if ranks.rank != 0:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
     return ranks
 
 
-class SharedInput:
-    """What rank 0 reads from its terminal (a line, the end of input, a Ctrl-C), handed to every rank.
+# MLX's ring backend waits for a peer by polling: a rank blocked in a collective keeps a core busy. Ranks that may
+# wait long (for a person to type, for a request) meet at this interval instead, and sleep in between.
+IDLE_TICK_SECONDS = 0.1
+WAKE_EARLY_SECONDS = 0.003  # a waiting rank wakes this much before the next tick, so that rank 0 need not wait
 
-    Rank 0 reads through `reader` (anything with line() and block()); the other ranks receive the same.
+
+def rest_until_next_tick() -> None:
+    """A following rank, after rank 0's "nothing yet": sleep until just before rank 0's next word."""
+    time.sleep(IDLE_TICK_SECONDS - WAKE_EARLY_SECONDS)
+
+
+class SharedInput:
+    """What rank 0 reads from its terminal (a line, or the end of input), handed to every rank.
+
+    Rank 0 reads through `reader` (anything with line() and block()) in a thread of its own, and while the
+    person has not answered it tells the others so at every tick: they sleep rather than poll for minutes.
     """
 
-    LINE, END, INTERRUPT = 0, 1, 2
+    LINE, END, WAITING = 0, 1, 2
 
     def __init__(self, reader, ranks: Ranks):
         self.reader, self.ranks = reader, ranks
@@ -96,22 +114,36 @@ class SharedInput:
         return self._shared(self.reader.block)
 
     def _shared(self, read) -> str:
-        event, text, raised = self.LINE, "", None
         if self.ranks.rank == 0:
-            try:
-                text = read()
-            except EOFError as e:
-                event, raised = self.END, e
-            except KeyboardInterrupt as e:
-                event, raised = self.INTERRUPT, e
-        event, text = broadcast_text(event, text, self.ranks.group)
-        if raised is not None:
-            raise raised
+            reading = Reading(read)
+            while not reading.done.wait(IDLE_TICK_SECONDS):
+                broadcast_text(self.WAITING, "", self.ranks.group)
+            broadcast_text(self.LINE if reading.raised is None else self.END, reading.text, self.ranks.group)
+            if reading.raised is not None:
+                raise reading.raised
+            return reading.text
+        while (shared := broadcast_text(self.LINE, "", self.ranks.group))[0] == self.WAITING:
+            rest_until_next_tick()
+        event, text = shared
         if event == self.END:
             raise EOFError
-        if event == self.INTERRUPT:
-            raise KeyboardInterrupt
         return text
+
+
+class Reading(threading.Thread):
+    """One read() in a thread of its own (a daemon: it never keeps the process alive)."""
+
+    def __init__(self, read):
+        super().__init__(daemon=True)
+        self.read, self.text, self.raised, self.done = read, "", None, threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.text = self.read()
+        except BaseException as e:  # handed to the thread that waits for it
+            self.raised = e
+        self.done.set()
 
 
 def broadcast_text(event: int, text: str, group: mx.distributed.Group) -> tuple[int, str]:

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -263,6 +264,55 @@ def test_chat_under_mlx_launch_answers_as_one_process_from_rank_0s_input(moe_dir
     assert not saved.exists()
 
 
+def rank_processes(launcher_pid: int) -> dict[int, int]:
+    """{rank: pid} of the processes mlx.launch started (its descendants that carry MLX_RANK)."""
+    ranks = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            session = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[3])
+        except (OSError, ValueError, IndexError):
+            continue
+        rank = next((int(v.split(b"=")[1]) for v in environ if v.startswith(b"MLX_RANK=")), None)
+        if rank is not None and session == launcher_pid:
+            ranks[rank] = int(proc.name)
+    return ranks
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc (its threads' included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_rank_waiting_for_chat_input_sleeps_rather_than_polls(moe_dir):
+    """MLX's ring backend polls while a collective waits: a rank left in one while the person thinks would keep
+    a core busy. Waiting for the next line, the other rank uses a small part of a core."""
+    argv = [str(LAUNCH), "-n", "2", "--backend", "ring", "-p", str(free_ports(2)), "--", sys.executable, "-m",
+            "qwenmlx", "chat", "-m", str(moe_dir), "--plain", "--no-think", "--max-tokens", "4", "--temp", "0",
+            "--no-memory-check"]
+    launcher = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        shown = b""
+        while b">>> " not in shown:  # rank 0 waits for the first line (so, through it, does rank 1)
+            chunk = os.read(launcher.stdout.fileno(), 4096)
+            assert chunk, launcher.stderr.read().decode()
+            shown += chunk
+        follower = rank_processes(launcher.pid)[1]
+        before, idle = cpu_seconds(follower), 3.0
+        time.sleep(idle)
+        used = cpu_seconds(follower) - before
+        launcher.stdin.write(b"/exit\n")
+        launcher.stdin.flush()
+        assert launcher.wait(timeout=LAUNCH_TIMEOUT) == 0
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+    assert used < 0.25 * idle  # polling, it takes most of a core (70-100% here)
+
+
 def test_summarize_under_mlx_launch_writes_its_summary_once_from_rank_0(moe_dir, tmp_path):
     document, out = tmp_path / "notes.txt", tmp_path / "summary.txt"
     document.write_text("A mixture-of-experts layer routes each token to a few of its experts.\n")
@@ -295,16 +345,19 @@ def test_a_prompt_from_stdin_under_mlx_launch_is_refused_rather_than_waited_for(
     assert "error: -p -: under mlx.launch stdin never ends" in result.stderr
 
 
-def test_ctrl_c_ends_every_rank(moe_dir):
-    """Ctrl-C sends SIGINT to the terminal's foreground group: mlx.launch and, on this machine, every rank."""
+@pytest.mark.parametrize("command", [["generate", "-p", "Hello", "--max-tokens", "1000000"], ["chat", "--plain"]],
+                         ids=["generating", "chat-waiting-for-a-line"])
+def test_ctrl_c_ends_every_rank(moe_dir, command):
+    """Ctrl-C sends SIGINT to the terminal's foreground group: mlx.launch and, on this machine, every rank. It ends
+    chat too (not only its answer): mlx.launch, stopped by it, no longer hands the terminal's input on."""
     argv = [str(LAUNCH), "-n", "2", "--backend", "ring", "-p", str(free_ports(2)), "--", sys.executable, "-m",
-            "qwenmlx", "generate", "-m", str(moe_dir), "-p", "Hello", "--max-tokens", "1000000", "--temp", "0",
-            "--no-memory-check", "--parallel", "experts"]
+            "qwenmlx", command[0], "-m", str(moe_dir), *command[1:], "--temp", "0", "--no-memory-check",
+            "--parallel", "experts"]
     launcher = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a shell
     try:
-        launcher.stdout.read(1)  # rank 0 is generating
+        launcher.stdout.read(1)  # rank 0 is generating, or has shown chat's banner
         os.killpg(launcher.pid, signal.SIGINT)
         stderr = launcher.communicate(timeout=LAUNCH_TIMEOUT)[1].decode()
     finally:
