@@ -26,7 +26,7 @@ from qwenmlx.checkpoint import load_model
 from qwenmlx.distributed import layer_ranges
 from tests.checkpoints import TINY_MOE, write_hf_checkpoint
 from tests.distributed_rank import PROMPT, greedy_tokens
-from tests.serving import API_KEY, Server, running_server, script, user, wait_until_healthy
+from tests.serving import API_KEY, Server, http, running_server, script, user, wait_until_healthy
 
 pytestmark = pytest.mark.distributed
 
@@ -370,6 +370,8 @@ def test_serve_under_mlx_launch_answers_as_one_process_alone_and_batched(moe_dir
     """One request, the same again (from the prompt cache), then all at once (decoded as one batch on every rank)."""
     log = tmp_path / "serve.log"
     with serving_under_launch(moe_dir, log, "--parallel", mode) as (server, launcher):
+        health = http(f"{server.url}/health")[2]
+        assert (health["world_size"], health["parallel"]) == (2, mode)
         assert answer(server, *REQUESTS[0]) == one_process_answers[0]
         assert answer(server, *REQUESTS[0]) == one_process_answers[0]
         with ThreadPoolExecutor(len(REQUESTS)) as pool:

@@ -189,6 +189,11 @@ class Engine:
         self._ended.wait()
 
     @property
+    def split(self) -> dict:
+        """world_size and the parallel mode (None on one rank), as generate --json reports them; /health shows them."""
+        return self.lockstep.ranks.describe() if self.lockstep is not None else {"world_size": 1, "parallel": None}
+
+    @property
     def context(self) -> int:
         return self.model.config.max_position_embeddings
 
