@@ -381,7 +381,15 @@ def test_serve_under_mlx_launch_answers_as_one_process_alone_and_batched(moe_dir
     assert log.read_text().count("(Ctrl-C stops)") == 1  # only rank 0 serves
 
 
-def test_a_cancelled_request_under_mlx_launch_leaves_every_rank_serving_and_ctrl_c_ends_them(moe_dir, tmp_path):
+def sigterm_to_rank_0(launcher: subprocess.Popen) -> None:
+    """What a service manager does to the server's process: mlx.launch ends once every rank has."""
+    os.kill(rank_pid(launcher.pid, 0), signal.SIGTERM)
+    assert launcher.wait(timeout=LAUNCH_TIMEOUT) == 0
+
+
+@pytest.mark.parametrize("stop", [ctrl_c, sigterm_to_rank_0], ids=lambda f: f.__name__)
+def test_a_cancelled_request_under_mlx_launch_leaves_every_rank_serving_and_stopping_rank_0_ends_them(
+        moe_dir, tmp_path, stop):
     log = tmp_path / "serve.log"
     with serving_under_launch(moe_dir, log) as (server, launcher):
         stream = server.client().chat.completions.create(model="m", messages=user("Keep going"), max_tokens=3000,
@@ -391,8 +399,8 @@ def test_a_cancelled_request_under_mlx_launch_leaves_every_rank_serving_and_ctrl
         while f"{first.id}: cancelled" not in log.read_text():  # rank 0 saw the client go and told rank 1
             time.sleep(0.1)
         assert answer(server, *REQUESTS[0])[1] in ("stop", "length")
-        ctrl_c(launcher)
-    assert "Node with rank" not in log.read_text()
+        stop(launcher)
+    assert "Node with rank" not in log.read_text()  # every rank exited 0
 
 
 @pytest.mark.parametrize("failing_rank", [0, 1])
