@@ -57,7 +57,7 @@ def serve(model: str = MODEL_OPTION,
     from ..distributed import join, peers_lost_as_errors
     from ..memory import weights_budget
     from ..server import Engine, LoadedModel, create_app
-    from ..server.lockstep import Lockstep, follow, lead
+    from ..server.lockstep import STOP_SECONDS, Lockstep, follow, lead
     from ..server.prompt_cache import default_directory
 
     if not 0 < port < 65536:
@@ -92,8 +92,11 @@ def serve(model: str = MODEL_OPTION,
         if ranks.rank != 0:
             follow(engine)
         else:
+            # Under several ranks a lost rank can leave answers unfinished for good: stopping waits for them at most
+            # STOP_SECONDS.
             server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key=api_key, cors_origin=cors_origin),
-                                                  host=host, port=port, log_level="warning"))
+                                                  host=host, port=port, log_level="warning",
+                                                  timeout_graceful_shutdown=STOP_SECONDS if ranks.size > 1 else None))
             engine.start(on_ready=lambda: logging.getLogger("qwenmlx.server").info(
                              "serving %s on http://%s:%d/v1 (Ctrl-C stops)", name, host, port),
                          on_error=lambda e: setattr(server, "should_exit", True))

@@ -184,9 +184,9 @@ class Engine:
         self._stopping.set()
         self._queue.put(None)  # wakes a thread waiting for work
 
-    def join(self) -> None:
-        """Wait until the generation thread has stopped (or failed)."""
-        self._ended.wait()
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until the generation thread has stopped (or failed); False if it has not within timeout seconds."""
+        return self._ended.wait(timeout)
 
     @property
     def split(self) -> dict:
@@ -202,8 +202,7 @@ class Engine:
     def render(self, request: Request) -> tuple[list[int], bool]:
         """The request's prompt as token ids, and whether the model will think; RequestError if it cannot be."""
         if self.state != "ready":
-            raise Unavailable("the model is still loading" if self.state == "loading" else "the model failed to load",
-                              "model_not_ready")
+            raise self._unavailable()
         tokenizer, param = self.tokenizer, "messages" if request.messages is not None else "prompt"
         try:
             if request.messages is None:
@@ -235,11 +234,20 @@ class Engine:
     def submit(self, job: Job) -> None:
         """Queue a job; Unavailable when --max-queue jobs are already waiting."""
         with self._lock:
+            if self.state != "ready":  # it failed since the job was prepared
+                raise self._unavailable()
             if self.waiting >= self.max_queue:
                 raise Unavailable(f"the server is busy ({self.waiting} requests waiting); retry shortly",
                                   "queue_full")
             self.waiting += 1
         self._queue.put(job)
+
+    def _unavailable(self) -> Unavailable:
+        if self.state == "loading":
+            return Unavailable("the model is still loading", "model_not_ready")
+        if self.model is None:
+            return Unavailable("the model failed to load", "model_not_ready")
+        return Unavailable(f"the server stopped after an error ({self.error})", "server_failed")
 
     # The generation thread.
 
@@ -247,7 +255,10 @@ class Engine:
         try:
             self._serve()
         except Exception as e:  # loading failed, or under mlx.launch a step did (see _guarded)
-            self.state, self.error = "failed", e
+            with self._lock:  # no job is queued from now on
+                self.state, self.error = "failed", e
+            for job in [s.job for s in self.running] + [job for job in self._queue.queue if job is not None]:
+                job.send(Failed(500, f"internal error: {e}"))  # their clients are not left waiting
             self._on_error(e)
         self._ended.set()
         # The thread stays until the process ends: as a thread ends, MLX frees its thread-local compile cache,

@@ -17,6 +17,7 @@ import signal
 from collections.abc import Callable
 
 from ..distributed import Ranks, broadcast_text
+from ..errors import QwenMLXError
 from ..generate import Sampling
 from .engine import Changes, Engine, Job
 from .request import Request
@@ -58,9 +59,16 @@ def decode(text: str) -> Changes:
     return Changes(jobs, sent["cancelled"], sent["stop"])
 
 
+STOP_SECONDS = 30.0  # how long a stopping rank 0 waits for answers under way, then for the step under way
+
+
 def lead(engine: Engine, serve: Callable[[], None]) -> None:
     """Rank 0: serve HTTP until stopped (Ctrl-C, SIGTERM, or the engine failing), then stop the engine on every
-    rank before this process ends. SIGTERM unwinds like Ctrl-C (uvicorn raises it again once it has stopped)."""
+    rank before this process ends. SIGTERM unwinds like Ctrl-C (uvicorn raises it again once it has stopped).
+
+    The wait is bounded: when a rank dies in the middle of a collective, MLX's ring backend may leave this
+    rank's side of it waiting forever, and mlx.launch, having stopped this rank once, waits for it to end.
+    """
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         serve()
@@ -68,7 +76,9 @@ def lead(engine: Engine, serve: Callable[[], None]) -> None:
         pass
     finally:
         engine.stop()
-        engine.join()
+        if not engine.join(STOP_SECONDS):
+            raise QwenMLXError(f"rank 0: the other ranks did not finish the step under way within {STOP_SECONDS:.0f} "
+                               "s (is one of them lost?); stopping without them")
 
 
 def follow(engine: Engine) -> None:
