@@ -157,13 +157,6 @@ def broadcast_text(event: int, text: str, group: mx.distributed.Group) -> tuple[
     return event, bytes(all_sum(body, group).tolist()).decode()
 
 
-def check_one_rank(command: str) -> None:
-    """Refuse a command that cannot yet run split over several ranks, before it loads anything."""
-    if mx.distributed.init().size() > 1:
-        raise QwenMLXError(f"{command} does not run under mlx.launch yet: start it on one machine "
-                           "(generate, chat and summarize can be split over several)")
-
-
 def all_sum(x: mx.array, group: mx.distributed.Group) -> mx.array:
     """mx.distributed.all_sum on the CPU stream (the only one the ring backend runs on)."""
     return mx.distributed.all_sum(x, group=group, stream=mx.cpu)
@@ -353,7 +346,7 @@ class PipelineStage(DecoderLayer):
         h = super().__call__(x, cache)
         if self.send_to is not None:
             h = mx.distributed.send(h, self.send_to, group=self.group, stream=mx.cpu)
-            if cache is not None and cache.buffers is not None:
+            if getattr(cache, "buffers", None) is not None:  # not a batch's cache: decode's logits need the send
                 # Prefill evaluates only the caches: tie the send to them so the next rank is not left waiting.
                 cache.buffers = mx.depends(cache.buffers, [h])
         return h

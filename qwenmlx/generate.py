@@ -125,6 +125,12 @@ def check_generation(max_tokens: int, thinking_budget: int | None = None, prefil
     Sampling(**{k: v for k, v in sampling.items() if v is not None})
 
 
+def shared_sampler(model, sample: Callable[[mx.array, mx.array], mx.array]) -> Callable[[mx.array, mx.array], mx.array]:
+    """sample, or for a model split over ranks (distributed.py) the same whose token is rank 0's on every rank."""
+    split = getattr(model, "split", None)
+    return sample if split is None else split.rank_0_samples(sample)
+
+
 def make_sampler(sampling: Sampling) -> Callable[[mx.array, mx.array], mx.array]:
     """(logits [1, vocab], counts of generated tokens [vocab]) -> next token [1]; transformers' filter order."""
     key = mx.random.key(sampling.seed) if sampling.seed is not None else None
@@ -298,9 +304,7 @@ def generate_tokens(
     stats = stats if stats is not None else Stats()
     stats.prompt_tokens = len(prompt_tokens)
     stop_ids = frozenset(stop_ids)
-    sample = sampler or make_sampler(sampling)
-    if getattr(model, "split", None) is not None:  # split over ranks (distributed.py): rank 0's token for all
-        sample = model.split.rank_0_samples(sample)
+    sample = shared_sampler(model, sampler or make_sampler(sampling))
     use_counts = sampling.presence_penalty != 0 or sampling.repetition_penalty != 1.0
     counts = mx.zeros((model.config.vocab_size,), mx.int32)
     thought = Thought(*think_ids, prompt_tokens)

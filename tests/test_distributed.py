@@ -6,6 +6,7 @@ Each launch starts Python processes; the module's launches are made once and sha
 `distributed` mark (`-m "not distributed"` leaves them out).
 """
 
+import contextlib
 import json
 import os
 import re
@@ -14,6 +15,10 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from http.client import HTTPException
 from pathlib import Path
 
 import pytest
@@ -23,6 +28,7 @@ from qwenmlx.checkpoint import load_model
 from qwenmlx.distributed import layer_ranges
 from tests.checkpoints import TINY_MOE, write_hf_checkpoint
 from tests.distributed_rank import PROMPT, greedy_tokens
+from tests.serving import API_KEY, Server, http, running_server, script, user, wait_until_healthy
 
 pytestmark = pytest.mark.distributed
 
@@ -264,21 +270,6 @@ def test_chat_under_mlx_launch_answers_as_one_process_from_rank_0s_input(moe_dir
     assert not saved.exists()
 
 
-def rank_processes(launcher_pid: int) -> dict[int, int]:
-    """{rank: pid} of the processes mlx.launch started (its descendants that carry MLX_RANK)."""
-    ranks = {}
-    for proc in Path("/proc").iterdir():
-        try:
-            environ = (proc / "environ").read_bytes().split(b"\0")
-            session = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[3])
-        except (OSError, ValueError, IndexError):
-            continue
-        rank = next((int(v.split(b"=")[1]) for v in environ if v.startswith(b"MLX_RANK=")), None)
-        if rank is not None and session == launcher_pid:
-            ranks[rank] = int(proc.name)
-    return ranks
-
-
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process, from /proc (its threads' included)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -299,7 +290,7 @@ def test_a_rank_waiting_for_chat_input_sleeps_rather_than_polls(moe_dir):
             chunk = os.read(launcher.stdout.fileno(), 4096)
             assert chunk, launcher.stderr.read().decode()
             shown += chunk
-        follower = rank_processes(launcher.pid)[1]
+        follower = rank_pid(launcher.pid, 1)
         before, idle = cpu_seconds(follower), 3.0
         time.sleep(idle)
         used = cpu_seconds(follower) - before
@@ -323,12 +314,6 @@ def test_summarize_under_mlx_launch_writes_its_summary_once_from_rank_0(moe_dir,
     assert (facts["world_size"], facts["parallel"]) == (2, "experts")
     assert out.read_text() == facts["summary"] + "\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "summary.txt"]  # no rank's leftovers
-
-
-def test_serve_under_mlx_launch_is_refused_in_one_line_before_loading(moe_dir):
-    result = launch(2, sys.executable, "-m", "qwenmlx", "serve", "-m", str(moe_dir), "--port", "1")
-    assert "error: serve does not run under mlx.launch yet" in result.stderr
-    assert "Traceback" not in result.stderr
 
 
 def test_a_memory_budget_under_mlx_launch_is_refused_in_one_line(moe_dir):
@@ -366,3 +351,154 @@ def test_ctrl_c_ends_every_rank(moe_dir, command):
             launcher.wait()
     for rank in (0, 1):
         assert f"Node with rank {rank} exited with code 130" in stderr
+
+
+# --- serve: rank 0 answers HTTP, every rank runs the engine in lockstep ---
+
+GREEDY = dict(temperature=0.0, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+REQUESTS = [  # (messages, max_tokens): prompts and answers of different lengths, so the batch changes as they end
+    (user("Hello there"), 6),
+    (user("Tell me a long story about a dragon, a knight and the village they both defended."), 11),
+    (user("Why is the sky blue?"), 16),
+]
+
+
+def answer(server: Server, messages: list[dict], max_tokens: int) -> tuple:
+    reply = server.client().chat.completions.create(model="m", messages=messages, max_tokens=max_tokens, **GREEDY)
+    return reply.choices[0].message.content, reply.choices[0].finish_reason, reply.usage.completion_tokens
+
+
+@contextlib.contextmanager
+def serving_under_launch(model_dir: Path, log: Path, *options: str) -> Iterator[tuple[Server, subprocess.Popen]]:
+    """`qwenmlx serve` on 2 ranks (in a session of its own, as from a terminal), until the block ends."""
+    first = free_ports(3)  # the ring's two, then the server's
+    argv = [str(LAUNCH), "-n", "2", "--backend", "ring", "-p", str(first), "--", sys.executable, "-m", "qwenmlx",
+            "serve", "-m", str(model_dir), "--port", str(first + 2), "--api-key", API_KEY, "--no-memory-check",
+            *options]
+    with open(log, "a") as out:
+        launcher = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "PYTHONPATH": str(ROOT), "QWENMLX_TEST_HOOKS": "1"},
+                                    start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{first + 2}"
+        wait_until_healthy(url, launcher, log)
+        yield Server(url, log), launcher
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+
+
+def ctrl_c(launcher: subprocess.Popen) -> None:
+    """Ctrl-C as a terminal sends it (SIGINT to the foreground group: mlx.launch and every rank). mlx.launch ends
+    once every rank has, naming each that exited with another code than 0."""
+    os.killpg(launcher.pid, signal.SIGINT)
+    launcher.wait(timeout=LAUNCH_TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def one_process_answers(moe_dir, tmp_path_factory):
+    """Each request's greedy answer from one process, alone."""
+    with running_server(moe_dir, tmp_path_factory.mktemp("serve-alone") / "server.log") as server:
+        return [answer(server, *request) for request in REQUESTS]
+
+
+@pytest.mark.parametrize("mode", ["pipeline", "experts"])
+def test_serve_under_mlx_launch_answers_as_one_process_alone_and_batched(moe_dir, tmp_path, one_process_answers,
+                                                                         mode):
+    """One request, the same again (from the prompt cache), then all at once (decoded as one batch on every rank)."""
+    log = tmp_path / "serve.log"
+    with serving_under_launch(moe_dir, log, "--parallel", mode) as (server, launcher):
+        health = http(f"{server.url}/health")[2]
+        assert (health["world_size"], health["parallel"]) == (2, mode)
+        assert answer(server, *REQUESTS[0]) == one_process_answers[0]
+        assert answer(server, *REQUESTS[0]) == one_process_answers[0]
+        with ThreadPoolExecutor(len(REQUESTS)) as pool:
+            assert list(pool.map(lambda request: answer(server, *request), REQUESTS)) == one_process_answers
+        ctrl_c(launcher)
+    assert "Node with rank" not in log.read_text()  # every rank exited 0
+    assert log.read_text().count("(Ctrl-C stops)") == 1  # only rank 0 serves
+
+
+def sigterm_to_rank_0(launcher: subprocess.Popen) -> None:
+    """What a service manager does to the server's process: mlx.launch ends once every rank has."""
+    os.kill(rank_pid(launcher.pid, 0), signal.SIGTERM)
+    assert launcher.wait(timeout=LAUNCH_TIMEOUT) == 0
+
+
+@pytest.mark.parametrize("stop", [ctrl_c, sigterm_to_rank_0], ids=lambda f: f.__name__)
+def test_a_cancelled_request_under_mlx_launch_leaves_every_rank_serving_and_stopping_rank_0_ends_them(
+        moe_dir, tmp_path, stop):
+    log = tmp_path / "serve.log"
+    with serving_under_launch(moe_dir, log) as (server, launcher):
+        stream = server.client().chat.completions.create(model="m", messages=user("Keep going"), max_tokens=3000,
+                                                         stream=True, extra_headers=script("on " * 3000))
+        first = next(c for c in stream if c.choices[0].delta.content)  # it is decoding
+        stream.close()
+        while f"{first.id}: cancelled" not in log.read_text():  # rank 0 saw the client go and told rank 1
+            time.sleep(0.1)
+        assert answer(server, *REQUESTS[0])[1] in ("stop", "length")
+        stop(launcher)
+    assert "Node with rank" not in log.read_text()  # every rank exited 0
+
+
+@pytest.mark.parametrize("failing_rank", [0, 1])
+def test_a_rank_of_serve_that_dies_mid_answer_ends_every_rank_and_the_answer(moe_dir, tmp_path, failing_rank):
+    """A rank killed outright (no word to the others) while an answer streams: the stream ends unfinished (an error
+    event, cut when rank 0 stops, or the connection lost with it) and every rank ends, with one line, not a hang."""
+    log = tmp_path / "serve.log"
+    with serving_under_launch(moe_dir, log) as (server, launcher):
+        body = {"model": "m", "messages": user("Keep going"), "max_tokens": 3000, "stream": True}
+        request = urllib.request.Request(f"{server.url}/v1/chat/completions", data=json.dumps(body).encode(),
+                                         headers={"Authorization": f"Bearer {API_KEY}", **script("on " * 3000)})
+        with urllib.request.urlopen(request, timeout=LAUNCH_TIMEOUT) as stream:
+            for line in stream:
+                if line.startswith(b"data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                    break  # it is decoding
+            os.kill(rank_pid(launcher.pid, failing_rank), signal.SIGKILL)
+            try:
+                rest = stream.read()
+            except (HTTPException, OSError):  # the connection lost with rank 0
+                rest = None
+        assert rest is None or not finishes_an_answer(rest)
+        launcher.wait(timeout=LAUNCH_TIMEOUT)
+    said = log.read_text()
+    assert re.search(f"Node with rank {failing_rank} exited with code (-9|137)", said), said
+    if failing_rank == 1:  # rank 0 ends naming itself: its peer lost, or the step under way never finishing
+        assert "error: rank 0: " in said, said
+
+
+def test_an_idle_server_under_mlx_launch_leaves_the_other_rank_asleep(moe_dir, tmp_path):
+    """While no request comes, rank 0 meets the others once a tick and they sleep in between (not poll)."""
+    with serving_under_launch(moe_dir, tmp_path / "serve.log") as (server, launcher):
+        assert answer(server, *REQUESTS[0])[1] in ("stop", "length")  # it served; now it is idle
+        follower = rank_pid(launcher.pid, 1)
+        before, idle = cpu_seconds(follower), 3.0
+        time.sleep(idle)
+        used = cpu_seconds(follower) - before
+        ctrl_c(launcher)
+    assert used < 0.25 * idle
+
+
+def finishes_an_answer(stream: bytes) -> bool:
+    """Whether a chat completion's event stream holds the chunk that ends an answer (one with a finish_reason)."""
+    chunks = [json.loads(line[6:]) for line in stream.splitlines() if line.startswith(b"data: {")]
+    return any(chunk.get("choices") and chunk["choices"][0].get("finish_reason") for chunk in chunks)
+
+
+def rank_pid(launcher: int, rank: int) -> int:
+    """The process of one rank: mlx.launch's child (a shell that execs the command) whose MLX_RANK is `rank`."""
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if parent == launcher and f"MLX_RANK={rank}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                return int(proc.name)
+    raise AssertionError(f"no rank {rank} under mlx.launch {launcher}")
+
+
+def test_a_prompt_cache_on_disk_under_mlx_launch_is_refused_in_one_line(moe_dir, tmp_path):
+    result = launch(2, sys.executable, "-m", "qwenmlx", "serve", "-m", str(moe_dir), "--no-memory-check",
+                    "--prompt-cache-dir", str(tmp_path / "cache"))
+    assert "error: --prompt-cache-dir" in result.stderr and "not under mlx.launch" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "cache").exists()

@@ -455,3 +455,36 @@ def test_a_raw_completion_prompt_is_read_with_its_special_tokens_as_the_template
         assert not thinking
     finally:
         engine.stop()
+
+
+def test_a_pipeline_ranks_share_of_the_prompt_cache_budget_keeps_the_entries_the_whole_model_keeps(moe_dir):
+    """Under mlx.launch a pipeline rank holds its layers' caches alone (rank 0 of 2: 2 of the 3 layers). With its
+    layers' share of the budget it keeps and drops the same entries as a whole model would, as every rank must."""
+
+    def started(layers: slice, budget: int) -> Engine:
+        def load_layers() -> LoadedModel:
+            model, tokenizer = load(moe_dir)
+            model.model.layers = model.layers[layers]
+            return LoadedModel(model, tokenizer, "tiny")
+
+        engine = Engine(load_layers, name="tiny", prompt_cache_bytes=budget, allow_scripted=True)
+        engine.start()
+        while engine.state == "loading":
+            time.sleep(0.01)
+        return engine
+
+    requests = [Request(messages=[{"role": "user", "content": "Say something. " * n}], max_tokens=4,
+                        scripted={"reply": "Fine."}) for n in (1, 3, 2, 5)]
+    probe = started(slice(None), 2 << 30)
+    answer(probe, requests[0])
+    budget = probe.prompt_cache.nbytes * 5 // 2  # about two requests' entries: the later ones evict
+    kept = []
+    for layers in (slice(None), slice(0, 2)):
+        engine = started(layers, budget)
+        for request in requests:
+            answer(engine, request)
+        kept.append([entry.tokens for entry in engine.prompt_cache.entries.values()])
+        engine.stop()
+    probe.stop()
+    assert len(kept[0]) < 2 * len(requests)  # some were dropped
+    assert kept[1] == kept[0]

@@ -8,6 +8,7 @@ from .common import (
     MEMORY_BUDGET_OPTION,
     MEMORY_CHECK_OPTION,
     MODEL_OPTION,
+    PARALLEL_OPTION,
     PREFILL_OPTION,
     SELF_EXTEND_OPTION,
     SPARSE_PREFILL_OPTION,
@@ -42,7 +43,7 @@ def serve(model: str = MODEL_OPTION,
           prefill_step: int = PREFILL_OPTION, threads: int = THREADS_OPTION,
           memory_check: bool = MEMORY_CHECK_OPTION, self_extend: str = SELF_EXTEND_OPTION,
           dual_chunk: bool = DUAL_CHUNK_OPTION, sparse_prefill: bool = SPARSE_PREFILL_OPTION,
-          memory_budget: str = MEMORY_BUDGET_OPTION):
+          memory_budget: str = MEMORY_BUDGET_OPTION, parallel: str = PARALLEL_OPTION):
     """A server for editors, coding agents, UIs: OpenAI's Chat Completions and Responses, Anthropic's Messages."""
     import logging
     import os
@@ -53,16 +54,17 @@ def serve(model: str = MODEL_OPTION,
     from ..attention import keys_at_their_index
     from ..cache import check_bound
     from ..config import read_config
-    from ..distributed import check_one_rank
+    from ..distributed import join, peers_lost_as_errors
     from ..memory import weights_budget
     from ..server import Engine, LoadedModel, create_app
+    from ..server.lockstep import STOP_SECONDS, Lockstep, follow, lead
     from ..server.prompt_cache import default_directory
 
     if not 0 < port < 65536:
         raise QwenMLXError(f"--port {port}: must be between 1 and 65535")
-    check_one_rank("serve")
     check_threads(threads)
     attention = attention_options(self_extend, dual_chunk, sparse_prefill)
+    ranks = join(parallel)  # under mlx.launch: every rank runs the engine, rank 0 alone the HTTP side
     model_dir, tokenizer = open_model(model)
     check_bound(max_kv_size, keys_at_their_index(read_config(model_dir), attention))
 
@@ -71,25 +73,36 @@ def serve(model: str = MODEL_OPTION,
         weights_budget(model_dir, memory_budget, max_kv_size, kv_bits, prompt_cache_bytes)
 
     def load() -> LoadedModel:  # on the generation thread: MLX's streams belong to the thread that made them
-        llm = load_weights(model_dir, threads, memory_check, max_kv_size, attention, None, memory_budget,
+        llm = load_weights(model_dir, threads, memory_check, max_kv_size, attention, ranks, memory_budget,
                            prompt_cache_bytes, kv_bits=kv_bits, context_option="--max-kv-size", kv_bits_option=True)
         return LoadedModel(llm, tokenizer, llm.fingerprint)
 
     # uvicorn says only what goes wrong; the engine logs each request, and the address once the model is ready
     # (so a model that fails to load gives one error line).
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if ranks.rank == 0 else logging.WARNING, format="%(levelname)s: %(message)s")
     name = Path(model_dir).name
     engine = Engine(load, name=name, max_kv_size=max_kv_size, kv_bits=kv_bits,
                     prompt_cache_bytes=prompt_cache_bytes, max_tokens=max_tokens, max_queue=max_queue,
                     max_batch=max_batch, prefill_step=prefill_step,
                     allow_scripted=os.environ.get("QWENMLX_TEST_HOOKS") == "1",
-                    prompt_cache_dir=prompt_cache_dir or default_directory(),
-                    prompt_cache_disk_bytes=int(prompt_cache_disk_gb * 1e9))
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key=api_key, cors_origin=cors_origin),
-                                          host=host, port=port, log_level="warning"))
-    engine.start(on_ready=lambda: logging.getLogger("qwenmlx.server").info(
-                     "serving %s on http://%s:%d/v1 (Ctrl-C stops)", name, host, port),
-                 on_load_error=lambda e: setattr(server, "should_exit", True))
-    server.run()
-    if engine.load_error is not None:
-        raise engine.load_error
+                    prompt_cache_dir=prompt_cache_dir or (default_directory() if ranks.size == 1 else None),
+                    prompt_cache_disk_bytes=int(prompt_cache_disk_gb * 1e9),
+                    lockstep=Lockstep(ranks) if ranks.size > 1 else None)
+    with peers_lost_as_errors(ranks):
+        if ranks.rank != 0:
+            follow(engine)
+        else:
+            # Under several ranks a lost rank can leave answers unfinished for good: stopping waits for them at most
+            # STOP_SECONDS.
+            server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key=api_key, cors_origin=cors_origin),
+                                                  host=host, port=port, log_level="warning",
+                                                  timeout_graceful_shutdown=STOP_SECONDS if ranks.size > 1 else None))
+            engine.start(on_ready=lambda: logging.getLogger("qwenmlx.server").info(
+                             "serving %s on http://%s:%d/v1 (Ctrl-C stops)", name, host, port),
+                         on_error=lambda e: setattr(server, "should_exit", True))
+            if ranks.size > 1:
+                lead(engine, server.run)
+            else:
+                server.run()
+        if engine.error is not None:
+            raise engine.error

@@ -172,7 +172,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, cors_origin: str |
 
     async def health(http: HTTPRequest) -> Response:
         body = {"status": "ok" if engine.state == "ready" else engine.state, "model": engine.name,
-                "waiting": engine.waiting, "running": len(engine.running)}
+                "waiting": engine.waiting, "running": len(engine.running), **engine.split}
         return JSONResponse(body, status_code=200 if engine.state == "ready" else 503)
 
     async def models(http: HTTPRequest) -> Response:

@@ -15,15 +15,16 @@ import threading
 import time
 import traceback
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 
 from ..batch import decode_step, decodes_in_a_batch
 from ..cache import KVCache, RotatingKVCache, copy_caches, make_cache
+from ..distributed import IDLE_TICK_SECONDS
 from ..errors import QwenMLXError
-from ..generate import THINKING_BUDGET_TEXT, Thought, default_sampling, make_sampler, prefill_step_for
+from ..generate import THINKING_BUDGET_TEXT, Thought, default_sampling, make_sampler, prefill_step_for, shared_sampler
 from .prompt_cache import DiskCache, PromptCache
 from .reply import Reply, Text
 from .request import Failed, Finished, Request, RequestError, Started, Usage
@@ -69,12 +70,17 @@ def scripted_sampler(tokens: list[int], end: int, failure: str | None):
     return sample
 
 
-def greedy_tokens(batch: list["Sequence"], logits: mx.array) -> dict:
+def argmax(logits: mx.array, counts: mx.array | None = None) -> mx.array:
+    return mx.argmax(logits, axis=-1)
+
+
+def greedy_tokens(batch: list["Sequence"], logits: mx.array, model=None) -> dict:
     """The next token of each plain greedy sequence (argmax, nothing else) of the batch, from one argmax call."""
     greedy = [i for i, s in enumerate(batch) if s.argmax_only]
     if not greedy:
         return {}
-    tokens = mx.argmax(logits if len(greedy) == len(batch) else logits[mx.array(greedy)], axis=-1)
+    rows = logits if len(greedy) == len(batch) else logits[mx.array(greedy)]
+    tokens = shared_sampler(model, argmax)(rows, None)
     return {batch[i]: (tokens[j : j + 1], None) for j, i in enumerate(greedy)}
 
 
@@ -82,7 +88,7 @@ class Job:
     """A prepared request on its way through the engine; the asyncio side reads its events, and may cancel it."""
 
     def __init__(self, request: Request, prompt: list[int], chat: bool, sampling, max_tokens: int,
-                 loop: asyncio.AbstractEventLoop):
+                 loop: asyncio.AbstractEventLoop | None):
         self.request, self.prompt, self.chat = request, prompt, chat
         self.sampling, self.max_tokens = sampling, max_tokens
         self.cancelled = threading.Event()
@@ -93,7 +99,10 @@ class Job:
         self.cancelled.set()
 
     def send(self, event) -> None:
-        """From the generation thread; dropped when the event loop has already closed (the server stopping)."""
+        """From the generation thread; dropped when the event loop has already closed (the server stopping), and
+        on a follower rank, whose copy of the job has no loop: rank 0 answers."""
+        if self._loop is None:
+            return
         try:
             self._loop.call_soon_threadsafe(self._events.put_nowait, event)
         except RuntimeError:
@@ -108,19 +117,32 @@ class Job:
                 return
 
 
+@dataclass
+class Changes:
+    """What the generation thread takes in before a step: jobs to start, running jobs cancelled, or stop."""
+
+    jobs: list[Job] = field(default_factory=list)
+    cancelled: list[int] = field(default_factory=list)  # indices into the batch (Engine.running)
+    stop: bool = False
+    idle: bool = False  # under mlx.launch: nothing runs and no job came within a tick (the others may rest)
+
+
 class Engine:
     """Loads the model on its own thread, then decodes up to max_batch jobs together, taken in arrival order.
 
     A job that arrives while others decode joins the batch at the next step; its prompt is prefilled a
     bounded chunk per step, between the batch's decode steps, so a long prompt does not stall the others.
     Loading happens on the generation thread too: MLX streams belong to the thread that made them.
+
+    Under mlx.launch every rank runs an engine; `lockstep` (server/lockstep.py) hands rank 0's changes
+    to the others before each step, so all make the same model calls. Only rank 0's has an HTTP side.
     """
 
     def __init__(self, load: Callable[[], LoadedModel], *, name: str, max_kv_size: int | None = None,
                  kv_bits: int | None = None, prompt_cache_bytes: int = 2 << 30, max_tokens: int | None = None,
                  max_queue: int = 16, max_batch: int = 8, prefill_step: int | None = None,
                  allow_scripted: bool = False,
-                 prompt_cache_dir: str | Path | None = None, prompt_cache_disk_bytes: int = 0):
+                 prompt_cache_dir: str | Path | None = None, prompt_cache_disk_bytes: int = 0, lockstep=None):
         if max_queue < 0:
             raise QwenMLXError(f"--max-queue {max_queue}: must be 0 or more")
         if max_batch < 1:
@@ -137,26 +159,41 @@ class Engine:
         self._load = load
         self.max_kv_size, self.kv_bits, self.prefill_step = max_kv_size, kv_bits, prefill_step
         self.max_tokens, self.max_queue, self.max_batch = max_tokens, max_queue, max_batch
-        self.allow_scripted = allow_scripted
+        self.allow_scripted, self.lockstep = allow_scripted, lockstep
+        if lockstep is not None and prompt_cache_dir is not None:
+            raise QwenMLXError(f"--prompt-cache-dir {prompt_cache_dir}: not under mlx.launch (each rank would need "
+                               "its own files, found alike on every rank); the prompt cache in memory still works")
         disk = DiskCache(prompt_cache_dir, prompt_cache_disk_bytes) if prompt_cache_dir is not None else None
         self.prompt_cache = PromptCache(prompt_cache_bytes, disk)
-        self.state = "loading"  # then "ready", or "failed" with load_error
-        self.load_error: Exception | None = None
+        self.state = "loading"  # then "ready"; or "failed" with error (loading failed, or under mlx.launch a step)
+        self.error: Exception | None = None
         self.model = self.tokenizer = None
         self.namespace = ""
         self.waiting = 0
         self.running: list[Sequence] = []  # the batch, in arrival order
         self._queue: queue.Queue = queue.Queue()
+        self._stopping, self._ended = threading.Event(), threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="qwenmlx-generation", daemon=True)
 
     def start(self, on_ready: Callable[[], None] = lambda: None,
-              on_load_error: Callable[[Exception], None] = lambda e: None) -> None:
-        self._on_ready, self._on_load_error = on_ready, on_load_error
+              on_error: Callable[[Exception], None] = lambda e: None) -> None:
+        self._on_ready, self._on_error = on_ready, on_error
         self._thread.start()
 
     def stop(self) -> None:
-        self._queue.put(None)
+        """Stop after the current step (on every rank under mlx.launch)."""
+        self._stopping.set()
+        self._queue.put(None)  # wakes a thread waiting for work
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until the generation thread has stopped (or failed); False if it has not within timeout seconds."""
+        return self._ended.wait(timeout)
+
+    @property
+    def split(self) -> dict:
+        """world_size and the parallel mode (None on one rank), as generate --json reports them; /health shows them."""
+        return self.lockstep.ranks.describe() if self.lockstep is not None else {"world_size": 1, "parallel": None}
 
     @property
     def context(self) -> int:
@@ -167,8 +204,7 @@ class Engine:
     def render(self, request: Request) -> tuple[list[int], bool]:
         """The request's prompt as token ids, and whether the model will think; RequestError if it cannot be."""
         if self.state != "ready":
-            raise Unavailable("the model is still loading" if self.state == "loading" else "the model failed to load",
-                              "model_not_ready")
+            raise self._unavailable()
         tokenizer, param = self.tokenizer, "messages" if request.messages is not None else "prompt"
         try:
             if request.messages is None:
@@ -200,53 +236,85 @@ class Engine:
     def submit(self, job: Job) -> None:
         """Queue a job; Unavailable when --max-queue jobs are already waiting."""
         with self._lock:
+            if self.state != "ready":  # it failed since the job was prepared
+                raise self._unavailable()
             if self.waiting >= self.max_queue:
                 raise Unavailable(f"the server is busy ({self.waiting} requests waiting); retry shortly",
                                   "queue_full")
             self.waiting += 1
         self._queue.put(job)
 
+    def _unavailable(self) -> Unavailable:
+        if self.state == "loading":
+            return Unavailable("the model is still loading", "model_not_ready")
+        if self.model is None:
+            return Unavailable("the model failed to load", "model_not_ready")
+        return Unavailable(f"the server stopped after an error ({self.error})", "server_failed")
+
     # The generation thread.
 
     def _run(self) -> None:
         try:
-            loaded = self._load()
-        except Exception as e:
-            self.state, self.load_error = "failed", e
-            self._on_load_error(e)
-            return
+            self._serve()
+        except Exception as e:  # loading failed, or under mlx.launch a step did (see _guarded)
+            with self._lock:  # no job is queued from now on
+                self.state, self.error = "failed", e
+            for job in [s.job for s in self.running] + [job for job in self._queue.queue if job is not None]:
+                job.send(Failed(500, f"internal error: {e}"))  # their clients are not left waiting
+            self._on_error(e)
+        self._ended.set()
+        # The thread stays until the process ends: as a thread ends, MLX frees its thread-local compile cache,
+        # which takes the GIL, and if Python is finalizing by then the process aborts (std::terminate).
+        threading.Event().wait()
+
+    def _serve(self) -> None:
+        loaded = self._load()
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         if self.max_batch > 1 and not decodes_in_a_batch(self.model):
             log.info("SelfExtend and dual chunk attention decode one request at a time (--max-batch 1)")
             self.max_batch = 1
+        # A pipeline rank holds its layers' caches alone: its share of the budget keeps the entries every rank keeps.
+        share = len(self.model.layers), self.model.config.num_hidden_layers
+        self.prompt_cache.max_bytes = self.prompt_cache.max_bytes * share[0] // share[1]
         self.namespace = f"{loaded.key}|max_kv_size={self.max_kv_size}|kv_bits={self.kv_bits}"
         self.budget_tokens = self.tokenizer.encode(THINKING_BUDGET_TEXT)
         self.state = "ready"
         self._on_ready()
-        while self._admit():
+        while True:
+            changes = self._changes() if self.lockstep is None else self.lockstep.share(self._changes)
+            if changes.stop:
+                return
+            for sequence in [self.running[i] for i in changes.cancelled]:
+                self._finish(sequence, "cancelled")
+            for job in changes.jobs:
+                self._guarded([job], lambda job=job: self.running.append(Sequence(self, job)))
             self._step()
 
-    def _admit(self) -> bool:
-        """Move waiting jobs into the batch while it has room (waiting for one when it is empty); False: stop."""
-        while len(self.running) < self.max_batch:
-            try:
-                job = self._queue.get(block=not self.running)
+    def _changes(self) -> Changes:
+        """The jobs that cancelled, and waiting jobs to start while the batch has room (waiting for one when it is
+        empty). Time decides what is seen here, so under mlx.launch rank 0 alone calls it and shares the answer."""
+        changes = Changes(cancelled=[i for i, s in enumerate(self.running) if s.job.cancelled.is_set()])
+        room = self.max_batch - len(self.running) + len(changes.cancelled)
+        while len(changes.jobs) < room and not self._stopping.is_set():
+            try:  # idle under mlx.launch, a tick at a time: the other ranks wait for each word (Lockstep)
+                job = self._queue.get(block=not self.running and not changes.jobs,
+                                      timeout=IDLE_TICK_SECONDS if self.lockstep else None)
             except queue.Empty:
+                changes.idle = not self.running and not changes.jobs
                 break
             if job is None:
-                return False
+                break
             with self._lock:
                 self.waiting -= 1
             if job.cancelled.is_set():
                 log.info("%s: cancelled while waiting", job.request.id)
                 continue
-            self._guarded([job], lambda job=job: self.running.append(Sequence(self, job)))
-        return True
+            changes.jobs.append(job)
+        changes.stop = self._stopping.is_set()
+        return changes
 
     def _step(self) -> None:
         """One chunk of one prompt's prefill, then one decode step for every sequence past its prefill."""
-        for sequence in [s for s in self.running if s.job.cancelled.is_set()]:
-            self._finish(sequence, "cancelled")
         prefilling = [s for s in self.running if s.to_prefill]
         if prefilling:
             self._guarded([prefilling[0].job], prefilling[0].prefill_chunk)
@@ -266,7 +334,7 @@ class Engine:
             logits = decode_step(self.model, inputs, [s.caches for s in fed])
             for sequence in fed:
                 sequence.checkpoint_prompt()
-            sampled = greedy_tokens(fed, logits)
+            sampled = greedy_tokens(fed, logits, self.model)
             rows = [(s, logits[i]) for i, s in enumerate(fed) if s not in sampled]
         rows += [(s, s.feed_forced()) for s in alone]
         for sequence, row in rows:
@@ -281,20 +349,24 @@ class Engine:
                 sequence.pending = sampled.get(sequence)
 
     def _guarded(self, jobs: list[Job], work: Callable):
-        """work(), or, if it fails, those jobs failed (the server keeps serving the others)."""
+        """work(), or, if it fails, those jobs failed (the server keeps serving the others). Under mlx.launch a
+        failure ends the engine, on every rank: no rank can tell whether the others failed the same step."""
         try:
             return work()
-        except (MemoryError, RuntimeError) as e:  # MLX reports a failed allocation as RuntimeError
-            out_of_memory = isinstance(e, MemoryError) or any(w in str(e).lower() for w in ("memory", "alloc"))
-            message = f"out of memory: {e}" if out_of_memory else f"internal error: {e}"
-            for job in jobs:
-                log.error("%s failed: %s", job.request.id, e)
-            self.prompt_cache.clear()
-            mx.clear_cache()
         except Exception as e:
-            message = f"internal error: {type(e).__name__}: {e}"
-            for job in jobs:
-                log.error("%s failed:\n%s", job.request.id, traceback.format_exc())
+            if self.lockstep is not None:
+                raise
+            if isinstance(e, MemoryError | RuntimeError):  # MLX reports a failed allocation as RuntimeError
+                out_of_memory = isinstance(e, MemoryError) or any(w in str(e).lower() for w in ("memory", "alloc"))
+                message = f"out of memory: {e}" if out_of_memory else f"internal error: {e}"
+                for job in jobs:
+                    log.error("%s failed: %s", job.request.id, e)
+                self.prompt_cache.clear()
+                mx.clear_cache()
+            else:
+                message = f"internal error: {type(e).__name__}: {e}"
+                for job in jobs:
+                    log.error("%s failed:\n%s", job.request.id, traceback.format_exc())
         for job in jobs:
             job.send(Failed(500, message))
             self.running = [s for s in self.running if s.job is not job]
@@ -366,6 +438,7 @@ class Sequence:
             self.sampler = scripted_sampler(scripted, min(tokenizer.eos_token_ids), request.scripted.get("fail"))
         else:
             self.sampler = make_sampler(job.sampling)
+        self.sampler = shared_sampler(model, self.sampler)
         self.use_counts = job.sampling.presence_penalty != 0 or job.sampling.repetition_penalty != 1.0
         self.counts = mx.zeros((model.config.vocab_size,), mx.int32)
         # Its next token is the logits' argmax alone (no penalty, no logprobs, no test script).
