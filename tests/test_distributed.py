@@ -182,8 +182,10 @@ def test_ranks_with_different_free_memory_cut_the_same_prefill_chunks(moe_dir, t
 def test_a_failing_rank_ends_every_rank(moe_dir, tmp_path, failing_rank):
     out_dir = tmp_path / "out"
     result = run_ranks(2, moe_dir, "pipeline", out_dir, json.dumps({"fail_rank": failing_rank}))  # or times out
-    # mlx.launch exits 0 whatever its ranks did, and names each rank that failed or that it stopped.
-    assert f"Node with rank {failing_rank} exited with code 1" in result.stderr
+    # mlx.launch exits 0 whatever its ranks did, and names each rank that failed or that it stopped. The failing
+    # rank's exit closes its sockets before Python has finished unwinding; the other rank then fails on them, and
+    # mlx.launch may stop (SIGTERM) the failing one before it is done: either way it is named.
+    assert re.search(f"Node with rank {failing_rank} exited with code (1|-15) ", result.stderr), result.stderr
     assert f"rank {failing_rank} fails on purpose" in result.stderr
     assert rank_facts(out_dir) == []  # the other rank did not go on to finish alone
 
