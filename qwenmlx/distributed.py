@@ -153,8 +153,8 @@ def broadcast_text(event: int, text: str, group: mx.distributed.Group) -> tuple[
     event, length = all_sum(header, group).tolist()
     if length == 0:
         return event, ""
-    body = mx.array(list(data) if group.rank() == 0 else [0] * length, dtype=mx.int32)
-    return event, bytes(all_sum(body, group).tolist()).decode()
+    body = mx.array(memoryview(data)) if group.rank() == 0 else mx.zeros(length, dtype=mx.uint8)
+    return event, bytes(all_sum(body, group)).decode()
 
 
 def all_sum(x: mx.array, group: mx.distributed.Group) -> mx.array:
