@@ -55,13 +55,18 @@ def free_ports(n: int) -> int:
             continue
 
 
+def launch_argv(n: int, first_port: int, *command: str) -> list[str]:
+    """`mlx.launch -n N --backend ring` of command, its ranks on the ports from first_port."""
+    return [str(LAUNCH), "-n", str(n), "--backend", "ring", "-p", str(first_port), "--", *command]
+
+
 def launch(n: int, *command: str, stdin: str = "") -> subprocess.CompletedProcess:
     """`mlx.launch -n N --backend ring -- command` from the worktree's root, so the ranks import its qwenmlx.
 
     mlx.launch hands its stdin to every rank but never closes theirs, so input that a command reads to its
     end must end in a command that ends it (chat's /exit).
     """
-    argv = [str(LAUNCH), "-n", str(n), "--backend", "ring", "-p", str(free_ports(n)), "--", *command]
+    argv = launch_argv(n, free_ports(n), *command)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT,
                           input=stdin)
@@ -281,9 +286,8 @@ def cpu_seconds(pid: int) -> float:
 def test_a_rank_waiting_for_chat_input_sleeps_rather_than_polls(moe_dir):
     """MLX's ring backend polls while a collective waits: a rank left in one while the person thinks would keep
     a core busy. Waiting for the next line, the other rank uses a small part of a core."""
-    argv = [str(LAUNCH), "-n", "2", "--backend", "ring", "-p", str(free_ports(2)), "--", sys.executable, "-m",
-            "qwenmlx", "chat", "-m", str(moe_dir), "--plain", "--no-think", "--max-tokens", "4", "--temp", "0",
-            "--no-memory-check"]
+    argv = launch_argv(2, free_ports(2), sys.executable, "-m", "qwenmlx", "chat", "-m", str(moe_dir), "--plain",
+                       "--no-think", "--max-tokens", "4", "--temp", "0", "--no-memory-check")
     launcher = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -337,9 +341,8 @@ def test_a_prompt_from_stdin_under_mlx_launch_is_refused_rather_than_waited_for(
 def test_ctrl_c_ends_every_rank(moe_dir, command):
     """Ctrl-C sends SIGINT to the terminal's foreground group: mlx.launch and, on this machine, every rank. It ends
     chat too (not only its answer): mlx.launch, stopped by it, no longer hands the terminal's input on."""
-    argv = [str(LAUNCH), "-n", "2", "--backend", "ring", "-p", str(free_ports(2)), "--", sys.executable, "-m",
-            "qwenmlx", command[0], "-m", str(moe_dir), *command[1:], "--temp", "0", "--no-memory-check",
-            "--parallel", "experts"]
+    argv = launch_argv(2, free_ports(2), sys.executable, "-m", "qwenmlx", command[0], "-m", str(moe_dir),
+                       *command[1:], "--temp", "0", "--no-memory-check", "--parallel", "experts")
     launcher = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a shell
@@ -374,9 +377,8 @@ def answer(server: Server, messages: list[dict], max_tokens: int) -> tuple:
 def serving_under_launch(model_dir: Path, log: Path, *options: str) -> Iterator[tuple[Server, subprocess.Popen]]:
     """`qwenmlx serve` on 2 ranks (in a session of its own, as from a terminal), until the block ends."""
     first = free_ports(3)  # the ring's two, then the server's
-    argv = [str(LAUNCH), "-n", "2", "--backend", "ring", "-p", str(first), "--", sys.executable, "-m", "qwenmlx",
-            "serve", "-m", str(model_dir), "--port", str(first + 2), "--api-key", API_KEY, "--no-memory-check",
-            *options]
+    argv = launch_argv(2, first, sys.executable, "-m", "qwenmlx", "serve", "-m", str(model_dir), "--port",
+                       str(first + 2), "--api-key", API_KEY, "--no-memory-check", *options)
     with open(log, "a") as out:
         launcher = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                     env={**os.environ, "PYTHONPATH": str(ROOT), "QWENMLX_TEST_HOOKS": "1"},
