@@ -13,7 +13,7 @@
    generated greedily after a 256-token prompt (prefill and decode tok/s, MLX peak). Both sides compute in
    qwenmlx's dtype (float32 on a CPU, bf16 on a GPU; mlx-lm's weights are cast a layer at a time), and must
    give the same tokens.
-5. One chat turn through ChatSession (in qwenmlx's child), and `qwenmlx summarize --json` of a 300-token
+5. One chat turn through ChatSession (in qwenmlx's child), and `qwenmlx summarize --json` of a 3,000-token
    document (the bundled articles), in a child under GNU time.
 
 The figures come out as Markdown tables (or --json) and in full_scale.json in the workdir, saved after each step.
@@ -286,7 +286,7 @@ def main() -> None:
                              "1.2 GB, span two shards at most).")
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--decode-tokens", type=int, default=32)
-    parser.add_argument("--document-tokens", type=int, default=300)
+    parser.add_argument("--document-tokens", type=int, default=3000)
     parser.add_argument("--summary-tokens", type=int, default=32, help="--max-tokens of the summary.")
     parser.add_argument("--json", action="store_true", help="Print the JSON instead of the Markdown tables.")
     parser.add_argument("--child", help=argparse.SUPPRESS)
