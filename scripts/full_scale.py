@@ -1,6 +1,6 @@
 """Qwen3-30B-A3B at its real size on this machine, with synthetic weights: pull, load, generate, chat, summarise.
 
-    python scripts/full_scale.py               # all 48 layers: 61 GB served, 18 GB written, tens of minutes
+    python scripts/full_scale.py               # all 48 layers: 61 GB served, 18 GB written, ~2 h 20 min on 2 cores
     python scripts/full_scale.py --layers 2    # the same path at 2 layers, in a few minutes
 
 1. A mock of the Hub (tests/mock_hub.py) on 127.0.0.1 serves `Qwen/Qwen3-30B-A3B` with the real model's config
