@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -73,9 +74,27 @@ class Server:
         return anthropic.Anthropic(base_url=self.url, api_key=API_KEY, max_retries=0, **kwargs)
 
     def log_line(self, request_id: str) -> str:
-        lines = [line for line in self.log.read_text().splitlines() if f"{request_id}:" in line]
-        assert len(lines) == 1, self.log.read_text()
-        return lines[0]
+        """The request's one line in the log, once written: a cancelled request's is written when the engine
+        notices, which may be after the client's next request is answered."""
+        return self.wait_for_lines(f"{re.escape(request_id)}:", 1)[0]
+
+    def log_lines(self, pattern: str) -> list[str]:
+        return [line for line in self.log.read_text().splitlines() if re.search(pattern, line)]
+
+    def wait_for_lines(self, pattern: str, count: int, limit: float = 60) -> list[str]:
+        """The log's lines that match pattern, once there are `count` of them (failing after `limit` seconds)."""
+        deadline = time.monotonic() + limit
+        while len(lines := self.log_lines(pattern)) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(lines) == count, self.log.read_text()
+        return lines
+
+    def wait_until_idle(self, limit: float = 60) -> None:
+        """Until nothing runs or waits (the lines of requests that ended are written by then)."""
+        deadline = time.monotonic() + limit
+        while (health := http(f"{self.url}/health")[2])["running"] or health["waiting"]:
+            assert time.monotonic() < deadline, health
+            time.sleep(0.05)
 
 
 @contextlib.contextmanager

@@ -59,12 +59,14 @@ def thinking_switch(messages: list[dict]) -> bool:
 
 
 def scripted_sampler(tokens: list[int], end: int, failure: str | None):
-    """Test hook: the next token of a fixed reply, whatever the logits say (the model still runs every step)."""
+    """Test hook: the next token of a fixed reply, whatever the logits say. The logits are still evaluated, so
+    the model runs every step as it would for a real sampler (and the caches never hold a step's work undone)."""
     queue_ = iter(tokens)
 
     def sample(logits: mx.array, counts: mx.array) -> mx.array:
         if failure:
             raise MemoryError(failure)
+        mx.eval(logits)
         return mx.array([next(queue_, end)])
 
     return sample
@@ -373,7 +375,6 @@ class Engine:
         return None
 
     def _finish(self, sequence: "Sequence", reason: str) -> None:
-        self.running.remove(sequence)
         job, prompt, caches = sequence.job, sequence.job.prompt, sequence.caches
         if reason != "cancelled":
             for piece in sequence.reply.finish():
@@ -392,6 +393,7 @@ class Engine:
                  (sequence.first_token_at or sequence.started_at) - sequence.started_at,
                  (generated - 1) / decode_seconds if generated > 1 and decode_seconds else 0,
                  time.perf_counter() - sequence.started_at)
+        self.running.remove(sequence)  # only now: a server that reports nothing running has logged every request
         job.send(Finished(reason, Usage(len(prompt), generated, sequence.reused), reply.stop_sequence))
 
     def _token_logprobs(self, token: int, logprobs: mx.array, top: int) -> dict:
