@@ -1,5 +1,10 @@
 """The MLX model against transformers' Qwen3MoeForCausalLM / Qwen3ForCausalLM, number for number."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -75,3 +80,14 @@ def test_experts_are_stacked_per_layer_with_gate_and_up_fused(moe_dir):
     attention = model.layers[0].self_attn
     assert attention.qkv_proj.weight.shape == ((c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim,
                                                c.hidden_size)
+
+
+def test_the_gpu_check_script_passes_on_the_cpu():
+    """scripts/gpu_check.py is run by hand on a GPU; here it must run and hold the same tolerance."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
+    done = subprocess.run([sys.executable, str(script), "--json"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    figures = json.loads(done.stdout)
+    assert figures["failed"] == [] and figures["MLX_ENABLE_TF32"] == "0"
+    for name in ("float32", "cache_decode_vs_prefill_float32"):
+        assert figures[name]["max_abs_logit_diff"] <= LOGITS_ATOL and figures[name]["top1_agreement"] == 1
