@@ -70,7 +70,7 @@ class Cores:
     def rows(self, layer: nn.Module, x: mx.array, method: str = "__call__") -> mx.array:
         """layer(x) (or another method computing x @ weight.T) in blocks of the layer's output rows."""
         n = layer["weight"].shape[-2]
-        if n < self.min_rows:
+        if n < self.min_rows or len(self.streams) < 2:  # nothing to split: no per-step copies and views to build
             return getattr(layer, method)(x)
         return self.blocks(n, lambda start, stop: getattr(output_rows(layer, start, stop), method)(x), axis=-1)
 
