@@ -29,15 +29,13 @@ os.environ.setdefault("MLX_ENABLE_TF32", "0")  # float32 computed in float32, as
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
 
 from quantize import get_recipe  # noqa: E402
 from qwenmlx.cache import make_cache  # noqa: E402
 from qwenmlx.checkpoint import load_model  # noqa: E402
 from qwenmlx.convert import convert  # noqa: E402
 from qwenmlx.fidelity import compare_logits  # noqa: E402
-from tests.checkpoints import TINY_MOE, write_hf_checkpoint  # noqa: E402
+from tests.checkpoints import TINY_MOE, transformers_logits, write_hf_checkpoint  # noqa: E402
 
 FLOAT32_ATOL = 1e-4  # tests/test_model.py's
 PREFILL = 50  # tokens of the prompt prefilled before decoding the rest one at a time
@@ -57,9 +55,7 @@ def decoded_one_at_a_time(model, tokens: np.ndarray) -> mx.array:
 def check(workdir: Path) -> dict:
     hf_dir = write_hf_checkpoint(workdir / "hf", TINY_MOE)
     tokens = np.random.default_rng(0).integers(0, 151_000, (1, 80))
-    reference_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        reference = mx.array(reference_model(torch.tensor(tokens)).logits[0].numpy())
+    reference = mx.array(transformers_logits(hf_dir, tokens)[0])
 
     float32_model, _ = load_model(hf_dir, dtype=mx.float32)
     default_model, _ = load_model(hf_dir)

@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tests.qwen_tokenizer_files import write_tokenizer_files
@@ -51,6 +52,15 @@ def hf_model(config_kwargs: dict, seed: int = 0):
             else:
                 p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
     return model.eval()
+
+
+def transformers_logits(model_dir: Path, tokens: np.ndarray) -> np.ndarray:
+    """The reference: transformers' own forward pass over token ids [B, L], in float32 on the CPU -> [B, L, vocab]."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor(tokens)).logits.numpy()
 
 
 def write_hf_checkpoint(dst: Path, config_kwargs: dict, dtype=torch.float32, seed: int = 0) -> Path:

@@ -9,11 +9,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from qwenmlx.cache import make_cache
 from qwenmlx.checkpoint import load_model
-from tests.checkpoints import MODEL_VARIANTS
+from tests.checkpoints import MODEL_VARIANTS, transformers_logits
 
 # Both sides compute in float32 on the same weights; what is left is summation order.
 LOGITS_ATOL = 1e-4
@@ -24,18 +23,12 @@ def prompt(length: int = PROMPT_LEN, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 151_000, (1, length))
 
 
-def reference_logits(model_dir, tokens: np.ndarray) -> np.ndarray:
-    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return ref(torch.tensor(tokens)).logits.numpy()
-
-
 @pytest.mark.parametrize("variant", list(MODEL_VARIANTS))
 def test_logits_match_transformers(checkpoint_dir, variant):
     model_dir = checkpoint_dir(variant)
     tokens = prompt()
     model, _ = load_model(model_dir)
-    np.testing.assert_allclose(np.array(model(mx.array(tokens))), reference_logits(model_dir, tokens),
+    np.testing.assert_allclose(np.array(model(mx.array(tokens))), transformers_logits(model_dir, tokens),
                                atol=LOGITS_ATOL, rtol=0)
 
 
@@ -45,7 +38,7 @@ def test_bf16_checkpoint_matches_transformers_on_the_same_weights(checkpoint_dir
     tokens = prompt()
     model, _ = load_model(model_dir)
     assert model.model.embed_tokens.weight.dtype == mx.float32  # computed in float32 on the CPU
-    np.testing.assert_allclose(np.array(model(mx.array(tokens))), reference_logits(model_dir, tokens),
+    np.testing.assert_allclose(np.array(model(mx.array(tokens))), transformers_logits(model_dir, tokens),
                                atol=LOGITS_ATOL, rtol=0)
 
 
